@@ -1,0 +1,1 @@
+//! Key material that wipes itself and stays in locked memory.

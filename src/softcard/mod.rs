@@ -1,0 +1,1 @@
+//! A software PIV card for tests and demos (see keybound-softcard).

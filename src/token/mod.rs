@@ -1,0 +1,1 @@
+//! PIV tokens over PC/SC.

@@ -1,0 +1,154 @@
+//! Test harness: the real pcscd, the vsmartcard virtual reader and our software
+//! card. Every test that touches a reader holds `ReadersLock`, so tests in
+//! parallel processes (cargo-nextest) take turns on the two virtual readers.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub const SOFTCARD_BIN: &str = env!("CARGO_BIN_EXE_keybound-softcard");
+pub const KEYBOUND_BIN: &str = env!("CARGO_BIN_EXE_keybound");
+
+/// Name pcsc-lite gives the vpcd reader with this index ("Virtual PCD 00 00", "… 00 01").
+pub fn reader_name(index: u8) -> String {
+    format!("Virtual PCD 00 {index:02}")
+}
+
+/// Exclusive use of the virtual readers (and of pcscd) for one test.
+pub struct ReadersLock(File);
+
+impl ReadersLock {
+    pub fn acquire() -> Self {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/keybound-test-readers.lock")
+            .expect("open the readers lock file");
+        // SAFETY: flock on a file descriptor we own; blocks until the lock is free.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock the readers lock");
+        ensure_pcscd();
+        for index in 0..2 {
+            wait_for_card(index, false, Duration::from_secs(10));
+        }
+        ReadersLock(file)
+    }
+}
+
+fn pcscd_sees_virtual_readers() -> bool {
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) else {
+        return false;
+    };
+    let Ok(names) = ctx.list_readers_owned() else {
+        return false;
+    };
+    names
+        .iter()
+        .any(|n| n.to_string_lossy().starts_with("Virtual PCD"))
+}
+
+/// Start pcscd if it is not running (it daemonises itself). The test scripts
+/// start it too; this keeps `cargo test` usable on its own.
+pub fn ensure_pcscd() {
+    if pcscd_sees_virtual_readers() {
+        return;
+    }
+    let status = Command::new("pcscd").status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "pcscd is not running and could not be started: run scripts/setup.sh first"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pcscd_sees_virtual_readers() {
+        assert!(Instant::now() < deadline, "pcscd started but shows no virtual reader");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a card is present in the virtual reader `index`.
+pub fn card_present(index: u8) -> bool {
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) else {
+        return false;
+    };
+    let name = std::ffi::CString::new(reader_name(index)).unwrap();
+    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+    if ctx.get_status_change(Duration::ZERO, &mut states).is_err() {
+        return false;
+    }
+    states[0].event_state().contains(pcsc::State::PRESENT)
+}
+
+/// Wait until the reader shows (or stops showing) a card; panics after `timeout`.
+pub fn wait_for_card(index: u8, present: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while card_present(index) != present {
+        assert!(
+            Instant::now() < deadline,
+            "reader {} did not become {} within {timeout:?}",
+            reader_name(index),
+            if present { "occupied" } else { "empty" }
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running software card. Dropping it pulls the card out of the reader.
+pub struct SoftCard {
+    child: Option<Child>,
+    pub state: PathBuf,
+    pub serial: u32,
+    pub reader: u8,
+}
+
+impl SoftCard {
+    /// Start a software card with this state file in reader `reader` and wait
+    /// until pcscd reports it present.
+    pub fn insert(state: &Path, serial: u32, reader: u8) -> Self {
+        let child = Command::new(SOFTCARD_BIN)
+            .arg("--state")
+            .arg(state)
+            .arg("--serial")
+            .arg(serial.to_string())
+            .arg("--reader")
+            .arg(reader.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start keybound-softcard");
+        let card = SoftCard {
+            child: Some(child),
+            state: state.to_path_buf(),
+            serial,
+            reader,
+        };
+        wait_for_card(reader, true, Duration::from_secs(10));
+        card
+    }
+
+    /// Pull the card out: stop the process and wait until pcscd sees the reader empty.
+    pub fn pull(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            wait_for_card(self.reader, false, Duration::from_secs(10));
+        }
+    }
+
+    /// Put the same card (same state file) back in.
+    pub fn reinsert(&mut self) {
+        self.pull();
+        *self = SoftCard::insert(&self.state.clone(), self.serial, self.reader);
+    }
+}
+
+impl Drop for SoftCard {
+    fn drop(&mut self) {
+        self.pull();
+    }
+}
