@@ -1,1 +1,46 @@
-fn main() {}
+//! `keybound`: the command-line entry point.
+
+mod cli;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        // The yubikey crate logs every failed probe of a non-PIV card as an error;
+        // our own errors say what matters.
+        0 => "warn,yubikey=off",
+        1 => "keybound=info",
+        _ => "keybound=debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let code = if e.use_stderr() {
+                cli::exitcodes::USAGE
+            } else {
+                cli::exitcodes::OK // --help, --version
+            };
+            std::process::exit(code);
+        }
+    };
+    init_logging(cli.verbose);
+    if let Err(e) = keybound::secrets::harden_process() {
+        eprintln!("keybound: cannot switch off core dumps: {e}");
+        std::process::exit(cli::exitcodes::OTHER);
+    }
+    if let Err(err) = cli::run(cli) {
+        eprintln!("keybound: {err:#}");
+        std::process::exit(cli::exitcodes::for_error(&err));
+    }
+}

@@ -1,0 +1,170 @@
+//! Watching a token's presence, so a vault can lock the moment it leaves.
+//!
+//! The watcher asks pcscd for reader state changes (SCardGetStatusChange) and
+//! turns them into [`Presence`] events. Anything it cannot explain is reported
+//! as a reason to lock: fail closed.
+
+use std::ffi::CString;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use super::readers;
+use super::{TokenError, TokenName};
+
+/// What the watcher saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// Still there, unchanged (a heartbeat).
+    Present,
+    /// The card left the reader.
+    Removed,
+    /// The card left and came back, or was reset: the token's session state is
+    /// gone, so a vault must treat this like a removal.
+    Reinserted,
+    /// A different card is in the reader now.
+    DifferentCard { serial: Option<u32> },
+    /// The reader itself disappeared (a USB token's reader vanishes with it).
+    ReaderGone,
+    /// pcscd stopped or stopped answering.
+    ServiceGone,
+}
+
+impl Presence {
+    /// Whether a mounted vault must lock on this event.
+    pub fn must_lock(&self) -> bool {
+        !matches!(self, Presence::Present)
+    }
+
+    /// A one-line reason, for logs and the audit trail.
+    pub fn describe(&self, token: &TokenName) -> String {
+        match self {
+            Presence::Present => format!("{token} is present"),
+            Presence::Removed => format!("{token} was removed"),
+            Presence::Reinserted => format!("{token} was removed and reinserted"),
+            Presence::DifferentCard { serial: Some(s) } => {
+                format!("{token} was replaced by token {s}")
+            }
+            Presence::DifferentCard { serial: None } => {
+                format!("{token} was replaced by another card")
+            }
+            Presence::ReaderGone => format!("the reader of {token} disappeared"),
+            Presence::ServiceGone => "pcscd stopped or stopped answering".into(),
+        }
+    }
+}
+
+/// Watches one token in one reader.
+pub struct Watch {
+    ctx: pcsc::Context,
+    reader: CString,
+    serial: u32,
+    /// pcscd's state for the reader as we last saw it; its upper 16 bits count
+    /// card insertions and removals, which is how a quick swap is still seen.
+    known: pcsc::State,
+    event_count: u32,
+}
+
+impl Watch {
+    /// Start watching the token `serial` in `reader`. Fails if it is not there now.
+    pub fn new(reader: &str, serial: u32) -> Result<Self, TokenError> {
+        let ctx = readers::context()?;
+        let reader_c = CString::new(reader).map_err(|_| TokenError::NoReader)?;
+        let mut states = [pcsc::ReaderState::new(
+            reader_c.clone(),
+            pcsc::State::UNAWARE,
+        )];
+        ctx.get_status_change(Duration::ZERO, &mut states)
+            .map_err(|e| TokenError::from_pcsc(e, None))?;
+        let state = &states[0];
+        if !state.event_state().contains(pcsc::State::PRESENT) {
+            return Err(TokenError::NotFound {
+                serial,
+                present: "none in that reader".into(),
+            });
+        }
+        Ok(Watch {
+            ctx,
+            reader: reader_c,
+            serial,
+            known: state.event_state() - pcsc::State::CHANGED,
+            event_count: state.event_count(),
+        })
+    }
+
+    /// Block until something changes or `timeout` passes; `Present` on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Presence {
+        let mut states = [pcsc::ReaderState::new(self.reader.clone(), self.known)];
+        match self.ctx.get_status_change(timeout, &mut states) {
+            Ok(()) => {}
+            Err(pcsc::Error::Timeout) => return Presence::Present,
+            Err(pcsc::Error::UnknownReader) | Err(pcsc::Error::ReaderUnavailable) => {
+                return Presence::ReaderGone;
+            }
+            // Service gone, invalid context, comm error, cancelled: fail closed.
+            Err(_) => return Presence::ServiceGone,
+        }
+        let state = &states[0];
+        let event = state.event_state();
+        self.known = event - pcsc::State::CHANGED;
+        if event.intersects(pcsc::State::UNKNOWN | pcsc::State::UNAVAILABLE | pcsc::State::IGNORE) {
+            return Presence::ReaderGone;
+        }
+        if event.contains(pcsc::State::EMPTY) || !event.contains(pcsc::State::PRESENT) {
+            return Presence::Removed;
+        }
+        if state.event_count() != self.event_count {
+            return self.identify_new_card();
+        }
+        Presence::Present
+    }
+
+    /// The card was swapped (the event counter moved): whose is it now?
+    fn identify_new_card(&self) -> Presence {
+        let reader = self.reader.to_string_lossy();
+        match readers::open_yubikey(&reader) {
+            Ok(yk) => {
+                let serial = u32::from(yk.serial());
+                readers::leave(yk);
+                if serial == self.serial {
+                    Presence::Reinserted
+                } else {
+                    Presence::DifferentCard {
+                        serial: Some(serial),
+                    }
+                }
+            }
+            Err(TokenError::NoService) => Presence::ServiceGone,
+            Err(_) => Presence::DifferentCard { serial: None },
+        }
+    }
+
+    /// Run the watch on its own thread. The receiver gets a `Present` heartbeat
+    /// every `poll` and, at the end, the event that must lock the vault. If no
+    /// message arrives for a few polls, pcscd is hanging: see [`next_event`].
+    pub fn spawn(mut self, poll: Duration) -> mpsc::Receiver<Presence> {
+        let (tx, rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("keybound-token-watch".into())
+            .spawn(move || {
+                loop {
+                    let event = self.wait(poll);
+                    let last = event.must_lock();
+                    if tx.send(event).is_err() || last {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the token watch thread");
+        rx
+    }
+}
+
+/// The next event from a spawned watch. Silence for three polls means pcscd
+/// stopped answering; a closed channel means the watcher died. Both fail closed.
+pub fn next_event(rx: &mpsc::Receiver<Presence>, poll: Duration) -> Presence {
+    match rx.recv_timeout(poll * 3 + Duration::from_secs(1)) {
+        Ok(event) => event,
+        Err(_) => Presence::ServiceGone,
+    }
+}
