@@ -223,12 +223,12 @@ fn setup(args: SetupArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "Token {} is ready: keybound key in slot {} (fingerprint {}), PIN policy {:?}, touch policy {:?}.",
+        "Token {} is ready: keybound key in slot {} (fingerprint {}), PIN policy {}, touch policy {}.",
         report.serial,
         report.slot,
         report.public_key.fingerprint(),
-        report.pin_policy,
-        report.touch_policy
+        format!("{:?}", report.pin_policy).to_lowercase(),
+        format!("{:?}", report.touch_policy).to_lowercase(),
     );
     if report.pin_changed {
         println!(

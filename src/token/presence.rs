@@ -57,11 +57,11 @@ impl Presence {
 /// Watches one token in one reader.
 pub struct Watch {
     ctx: pcsc::Context,
-    reader: CString,
+    /// pcscd's state for the reader as we last saw it, event counter included:
+    /// the counter moves on every insertion and removal, which is how a swap
+    /// that happened between two polls is still seen.
+    state: pcsc::ReaderState,
     serial: u32,
-    /// pcscd's state for the reader as we last saw it; its upper 16 bits count
-    /// card insertions and removals, which is how a quick swap is still seen.
-    known: pcsc::State,
     event_count: u32,
 }
 
@@ -70,32 +70,31 @@ impl Watch {
     pub fn new(reader: &str, serial: u32) -> Result<Self, TokenError> {
         let ctx = readers::context()?;
         let reader_c = CString::new(reader).map_err(|_| TokenError::NoReader)?;
-        let mut states = [pcsc::ReaderState::new(
-            reader_c.clone(),
-            pcsc::State::UNAWARE,
-        )];
+        let mut states = [pcsc::ReaderState::new(reader_c, pcsc::State::UNAWARE)];
         ctx.get_status_change(Duration::ZERO, &mut states)
             .map_err(|e| TokenError::from_pcsc(e, None))?;
-        let state = &states[0];
+        let [mut state] = states;
         if !state.event_state().contains(pcsc::State::PRESENT) {
             return Err(TokenError::NotFound {
                 serial,
                 present: "none in that reader".into(),
             });
         }
+        state.sync_current_state();
         Ok(Watch {
             ctx,
-            reader: reader_c,
-            serial,
-            known: state.event_state() - pcsc::State::CHANGED,
             event_count: state.event_count(),
+            state,
+            serial,
         })
     }
 
     /// Block until something changes or `timeout` passes; `Present` on timeout.
     pub fn wait(&mut self, timeout: Duration) -> Presence {
-        let mut states = [pcsc::ReaderState::new(self.reader.clone(), self.known)];
-        match self.ctx.get_status_change(timeout, &mut states) {
+        match self
+            .ctx
+            .get_status_change(timeout, std::slice::from_mut(&mut self.state))
+        {
             Ok(()) => {}
             Err(pcsc::Error::Timeout) => return Presence::Present,
             Err(pcsc::Error::UnknownReader) | Err(pcsc::Error::ReaderUnavailable) => {
@@ -104,16 +103,15 @@ impl Watch {
             // Service gone, invalid context, comm error, cancelled: fail closed.
             Err(_) => return Presence::ServiceGone,
         }
-        let state = &states[0];
-        let event = state.event_state();
-        self.known = event - pcsc::State::CHANGED;
+        self.state.sync_current_state();
+        let event = self.state.event_state();
         if event.intersects(pcsc::State::UNKNOWN | pcsc::State::UNAVAILABLE | pcsc::State::IGNORE) {
             return Presence::ReaderGone;
         }
         if event.contains(pcsc::State::EMPTY) || !event.contains(pcsc::State::PRESENT) {
             return Presence::Removed;
         }
-        if state.event_count() != self.event_count {
+        if self.state.event_count() != self.event_count {
             return self.identify_new_card();
         }
         Presence::Present
@@ -121,7 +119,7 @@ impl Watch {
 
     /// The card was swapped (the event counter moved): whose is it now?
     fn identify_new_card(&self) -> Presence {
-        let reader = self.reader.to_string_lossy();
+        let reader = self.state.name().to_string_lossy();
         match readers::open_yubikey(&reader) {
             Ok(yk) => {
                 let serial = u32::from(yk.serial());
