@@ -298,7 +298,7 @@ fn wrong_pin_counts_down_refuses_the_last_try_and_blocks() {
     let wrong = setup_again(&env, 10_000_105, "999999", &[]);
     assert_fails(&wrong, 13, &["wrong PIN", "token 10000105", "2 tries left"]);
     let wrong = setup_again(&env, 10_000_105, "999999", &[]);
-    assert_fails(&wrong, 13, &["1 tries left"]);
+    assert_fails(&wrong, 13, &["1 try left"]);
 
     // The last try is not spent without an explicit flag — not even a right PIN.
     let guarded = setup_again(&env, 10_000_105, "999999", &[]);

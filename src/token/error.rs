@@ -29,6 +29,14 @@ impl TokenName {
     }
 }
 
+fn tries(n: u8) -> String {
+    if n == 1 {
+        "1 try".into()
+    } else {
+        format!("{n} tries")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error(
@@ -50,7 +58,7 @@ pub enum TokenError {
     Removed { token: TokenName },
     #[error("{token} is in use by another program (exclusive access); close it and try again")]
     Busy { token: TokenName },
-    #[error("wrong PIN for {token}: {tries_left} tries left before the PIN is blocked")]
+    #[error("wrong PIN for {token}: {} left before the PIN is blocked", tries(*.tries_left))]
     WrongPin { token: TokenName, tries_left: u8 },
     #[error(
         "the PIN of {token} is blocked; unblock it with the PUK \
@@ -62,7 +70,7 @@ pub enum TokenError {
          and pass --allow-last-pin-try to spend the last try"
     )]
     LastPinTry { token: TokenName },
-    #[error("wrong PUK for {token}: {tries_left} tries left before the PUK is blocked")]
+    #[error("wrong PUK for {token}: {} left before the PUK is blocked", tries(*.tries_left))]
     WrongPuk { token: TokenName, tries_left: u8 },
     #[error(
         "the PUK of {token} is blocked; only a PIV reset can recover the token (it erases all its keys)"
@@ -158,5 +166,40 @@ impl TokenError {
                 detail: other.to_string(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name() -> TokenName {
+        TokenName {
+            serial: Some(10_000_001),
+            reader: Some("Virtual PCD 00 00".into()),
+        }
+    }
+
+    #[test]
+    fn pcsc_failures_become_actionable_messages() {
+        let no_reader = TokenError::from_pcsc(pcsc::Error::NoReadersAvailable, None);
+        assert!(matches!(no_reader, TokenError::NoReader));
+        assert!(no_reader.to_string().contains("plug in your token"));
+        let gone = TokenError::from_pcsc(pcsc::Error::NoService, None);
+        assert!(gone.to_string().contains("pcscd"));
+        let removed = TokenError::from_pcsc(pcsc::Error::RemovedCard, Some(&name()));
+        assert!(removed.to_string().contains("token 10000001"), "{removed}");
+        assert!(removed.to_string().contains("plug it back in"), "{removed}");
+    }
+
+    #[test]
+    fn pin_errors_name_the_token_and_tries_left() {
+        let wrong = TokenError::from_device(yubikey::Error::WrongPin { tries: 2 }, &name(), "x");
+        assert_eq!(
+            wrong.to_string(),
+            "wrong PIN for token 10000001 (reader \"Virtual PCD 00 00\"): 2 tries left before the PIN is blocked"
+        );
+        let blocked = TokenError::from_device(yubikey::Error::WrongPin { tries: 0 }, &name(), "x");
+        assert!(matches!(blocked, TokenError::PinBlocked { .. }));
     }
 }
