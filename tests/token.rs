@@ -331,6 +331,17 @@ fn missing_pcscd_reader_or_token_are_clear_errors() {
     let out = keybound_env(&["token", "list"], &no_service);
     assert_fails(&out, 10, &["pcscd", "not running", "start it"]);
 
+    // pcscd running, but no reader at all (a laptop without its USB token).
+    {
+        let _restore = PcscdWithoutReaders::start(&env);
+        let out = keybound(&["token", "list"]);
+        assert_fails(
+            &out,
+            11,
+            &["no smart-card reader is connected", "plug in your token"],
+        );
+    }
+
     // Readers, but no token in them.
     let out = keybound(&["token", "list"]);
     assert_ok(&out);
@@ -492,5 +503,37 @@ fn stop_pcscd() {
     {
         assert!(Instant::now() < deadline, "pcscd did not stop");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// pcscd with an empty reader configuration; the normal pcscd comes back on drop.
+struct PcscdWithoutReaders;
+
+impl PcscdWithoutReaders {
+    fn start(env: &Env) -> Self {
+        stop_pcscd();
+        let empty = env.path("no-readers.conf.d");
+        std::fs::create_dir_all(&empty).unwrap();
+        let status = Command::new("pcscd").arg("--config").arg(&empty).status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "start pcscd without readers"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pcsc::Context::establish(pcsc::Scope::System).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pcscd without readers did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PcscdWithoutReaders
+    }
+}
+
+impl Drop for PcscdWithoutReaders {
+    fn drop(&mut self) {
+        stop_pcscd();
+        common::ensure_pcscd();
     }
 }
