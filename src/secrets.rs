@@ -118,11 +118,6 @@ impl SecretBytes {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    pub fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusivity.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
     /// Constant-time comparison, so comparing secrets leaks no prefix length.
     pub fn ct_eq(&self, other: &[u8]) -> bool {
         if self.len != other.len() {
@@ -134,6 +129,13 @@ impl SecretBytes {
             .zip(other)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         diff == 0
+    }
+}
+
+impl AsMut<[u8]> for SecretBytes {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for `len` bytes, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 

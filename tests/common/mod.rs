@@ -65,7 +65,10 @@ pub fn ensure_pcscd() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pcscd_sees_virtual_readers() {
-        assert!(Instant::now() < deadline, "pcscd started but shows no virtual reader");
+        assert!(
+            Instant::now() < deadline,
+            "pcscd started but shows no virtual reader"
+        );
         sleep(Duration::from_millis(100));
     }
 }
@@ -109,7 +112,11 @@ impl SoftCard {
     /// Start a software card with this state file in reader `reader` and wait
     /// until pcscd reports it present.
     pub fn insert(state: &Path, serial: u32, reader: u8) -> Self {
-        let child = Command::new(SOFTCARD_BIN)
+        // The card's stderr goes next to its state file, so a card that fails
+        // to start explains itself in the panic message.
+        let log_path = state.with_extension("log");
+        let log = File::create(&log_path).expect("create the softcard log");
+        let mut child = Command::new(SOFTCARD_BIN)
             .arg("--state")
             .arg(state)
             .arg("--serial")
@@ -118,17 +125,28 @@ impl SoftCard {
             .arg(reader.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start keybound-softcard");
-        let card = SoftCard {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !card_present(reader) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("keybound-softcard exited ({status}) before pcscd saw it:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pcscd did not see the card in {} within 10 s",
+                reader_name(reader)
+            );
+            sleep(Duration::from_millis(50));
+        }
+        SoftCard {
             child: Some(child),
             state: state.to_path_buf(),
             serial,
             reader,
-        };
-        wait_for_card(reader, true, Duration::from_secs(10));
-        card
+        }
     }
 
     /// Pull the card out: stop the process and wait until pcscd sees the reader empty.
