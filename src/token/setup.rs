@@ -244,10 +244,7 @@ fn authenticate_management(
             MgmKey::from_bytes(key.expose()).map_err(|_| TokenError::UnknownManagementKey {
                 token: name.clone(),
             })?;
-        token
-            .yubikey()
-            .authenticate(key)
-            .map_err(|_| TokenError::ManagementKeyRejected { token: name })?;
+        authenticate_with(token, key)?;
         return Ok(false);
     }
     if is_default(token, ManagementSlotId::Management) != Some(false)
@@ -261,11 +258,16 @@ fn authenticate_management(
         MgmKey::get_protected(token.yubikey()).map_err(|_| TokenError::UnknownManagementKey {
             token: name.clone(),
         })?;
+    authenticate_with(token, protected)?;
+    Ok(true)
+}
+
+fn authenticate_with(token: &mut Token, key: MgmKey) -> Result<(), TokenError> {
+    let name = token.name().clone();
     token
         .yubikey()
-        .authenticate(protected)
-        .map_err(|_| TokenError::ManagementKeyRejected { token: name })?;
-    Ok(true)
+        .authenticate(key)
+        .map_err(|_| TokenError::ManagementKeyRejected { token: name })
 }
 
 fn protect_new_management_key(token: &mut Token) -> Result<(), TokenError> {
@@ -288,14 +290,9 @@ fn protect_new_management_key(token: &mut Token) -> Result<(), TokenError> {
     }
     // set_protected leaves the session authenticated with the old key on some
     // firmware; authenticate with the new one so key generation is allowed.
-    let key =
-        MgmKey::from_bytes(bytes.expose()).map_err(|_| TokenError::ManagementKeyRejected {
-            token: name.clone(),
-        })?;
-    token
-        .yubikey()
-        .authenticate(key)
-        .map_err(|_| TokenError::ManagementKeyRejected { token: name })
+    let key = MgmKey::from_bytes(bytes.expose())
+        .map_err(|_| TokenError::ManagementKeyRejected { token: name })?;
+    authenticate_with(token, key)
 }
 
 fn write_certificate(
