@@ -163,10 +163,12 @@ impl SetupPrompts for CliPrompts<'_> {
     }
 
     fn new_pin(&mut self, token: &TokenName) -> Result<Pin, TokenError> {
-        eprintln!(
-            "Choose a new PIN for {token}: 6 to 8 characters (letters and symbols allowed). \
-             The PUK will be set to the same value. A blocked PIN and PUK cannot be recovered."
-        );
+        if self.args.new_pin_file.is_none() {
+            eprintln!(
+                "Choose a new PIN for {token}: 6 to 8 characters (letters and symbols allowed). \
+                 The PUK will be set to the same value. A blocked PIN and PUK cannot be recovered."
+            );
+        }
         prompt::new_pin(self.args.new_pin_file.as_deref()).map_err(|e| to_token_error(e, token))
     }
 
