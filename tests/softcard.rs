@@ -521,11 +521,11 @@ fn refuses_damaged_state_and_wrong_serial() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !state.exists() {
-        assert!(Instant::now() < deadline, "state file not created");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        "the state file to be created",
+        Duration::from_secs(10),
+        || state.exists(),
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let out = run("6");

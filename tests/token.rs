@@ -418,12 +418,12 @@ fn a_token_pulled_mid_session_is_an_error_not_a_hang() {
     assert!(err.to_string().contains("10000109"), "{err}");
 }
 
-fn wait_for_lock_event(watch: &mut Watch) -> (Presence, Duration) {
+fn wait_for_lock_event(watch: &mut Watch) -> Presence {
     let started = Instant::now();
     loop {
         let event = watch.wait(Duration::from_millis(250));
         if event.must_lock() {
-            return (event, started.elapsed());
+            return event;
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -442,7 +442,7 @@ fn watch_reports_removal_and_a_different_card() {
     let mut watch = Watch::new(&reader, 10_000_110).unwrap();
     assert_eq!(watch.wait(Duration::from_millis(300)), Presence::Present);
     card.pull();
-    let (event, _) = wait_for_lock_event(&mut watch);
+    let event = wait_for_lock_event(&mut watch);
     assert_eq!(event, Presence::Removed);
 
     // Swap cards while nobody is looking: the watch still sees the swap.
@@ -450,7 +450,7 @@ fn watch_reports_removal_and_a_different_card() {
     let mut watch = Watch::new(&reader, 10_000_110).unwrap();
     card.pull();
     let _other = env.card("other", 10_000_111, 0);
-    let (event, _) = wait_for_lock_event(&mut watch);
+    let event = wait_for_lock_event(&mut watch);
     assert_eq!(
         event,
         Presence::DifferentCard {
@@ -476,7 +476,7 @@ fn watch_fails_closed_when_pcscd_goes_away() {
     );
 
     stop_pcscd();
-    let (event, _) = wait_for_lock_event(&mut watch);
+    let event = wait_for_lock_event(&mut watch);
     let spawned_event = loop {
         let e = keybound::token::next_event(&rx, Duration::from_millis(200));
         if e.must_lock() {
@@ -493,17 +493,14 @@ fn watch_fails_closed_when_pcscd_goes_away() {
 
 fn stop_pcscd() {
     let _ = Command::new("pkill").args(["-x", "pcscd"]).status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Command::new("pgrep")
-        .args(["-x", "pcscd"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
-        assert!(Instant::now() < deadline, "pcscd did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until("pcscd to stop", Duration::from_secs(10), || {
+        !Command::new("pgrep")
+            .args(["-x", "pcscd"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
 }
 
 /// pcscd with an empty reader configuration; the normal pcscd comes back on drop.
@@ -519,14 +516,11 @@ impl PcscdWithoutReaders {
             matches!(status, Ok(s) if s.success()),
             "start pcscd without readers"
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pcsc::Context::establish(pcsc::Scope::System).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pcscd without readers did not answer"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_until(
+            "pcscd without readers to answer",
+            Duration::from_secs(10),
+            || pcsc::Context::establish(pcsc::Scope::System).is_ok(),
+        );
         PcscdWithoutReaders
     }
 }

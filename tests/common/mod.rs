@@ -63,13 +63,22 @@ pub fn ensure_pcscd() {
         matches!(status, Ok(s) if s.success()),
         "pcscd is not running and could not be started: run scripts/setup.sh first"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pcscd_sees_virtual_readers() {
+    wait_until(
+        "pcscd to show the virtual readers",
+        Duration::from_secs(10),
+        pcscd_sees_virtual_readers,
+    );
+}
+
+/// Poll `done` every 50 ms until it holds; panic naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
         assert!(
             Instant::now() < deadline,
-            "pcscd started but shows no virtual reader"
+            "timed out after {timeout:?} waiting for {what}"
         );
-        sleep(Duration::from_millis(100));
+        sleep(Duration::from_millis(50));
     }
 }
 
@@ -88,16 +97,9 @@ pub fn card_present(index: u8) -> bool {
 
 /// Wait until the reader shows (or stops showing) a card; panics after `timeout`.
 pub fn wait_for_card(index: u8, present: bool, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while card_present(index) != present {
-        assert!(
-            Instant::now() < deadline,
-            "reader {} did not become {} within {timeout:?}",
-            reader_name(index),
-            if present { "occupied" } else { "empty" }
-        );
-        sleep(Duration::from_millis(50));
-    }
+    let state = if present { "occupied" } else { "empty" };
+    let what = format!("reader {} to become {state}", reader_name(index));
+    wait_until(&what, timeout, || card_present(index) == present);
 }
 
 /// A running software card. Dropping it pulls the card out of the reader.
@@ -128,19 +130,14 @@ impl SoftCard {
             .stderr(log)
             .spawn()
             .expect("start keybound-softcard");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !card_present(reader) {
+        let what = format!("pcscd to see the card in {}", reader_name(reader));
+        wait_until(&what, Duration::from_secs(10), || {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 panic!("keybound-softcard exited ({status}) before pcscd saw it:\n{log}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "pcscd did not see the card in {} within 10 s",
-                reader_name(reader)
-            );
-            sleep(Duration::from_millis(50));
-        }
+            card_present(reader)
+        });
         SoftCard {
             child: Some(child),
             state: state.to_path_buf(),
