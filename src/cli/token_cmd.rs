@@ -200,8 +200,8 @@ fn management_key(file: Option<&std::path::Path>) -> Result<Option<SecretBytes>>
         .map(str::trim)
         .filter(|t| t.len() == 48)
         .with_context(|| format!("{} must hold 48 hex digits", path.display()))?;
-    let mut raw = hex::decode(text).with_context(|| format!("{} is not hex", path.display()))?;
-    Ok(Some(SecretBytes::from_vec(std::mem::take(&mut raw))?))
+    let raw = hex::decode(text).with_context(|| format!("{} is not hex", path.display()))?;
+    Ok(Some(SecretBytes::from_vec(raw)?))
 }
 
 fn setup(args: SetupArgs) -> Result<()> {

@@ -144,19 +144,28 @@ impl Token {
     /// Verify the PIN. Refuses to spend the last try unless `last_try` allows it,
     /// and reports how many tries are left on a wrong PIN.
     pub fn verify_pin(&mut self, pin: &Pin, last_try: LastTry) -> Result<(), TokenError> {
+        self.check_pin_tries(last_try)?;
+        self.verify_pin_now(pin)
+    }
+
+    /// Refuse before any PIN is sent if the PIN is blocked, or if only one try
+    /// is left and `last_try` does not allow spending it. Costs no try, but
+    /// re-selects the applet (which drops PIN and management-key state).
+    pub(crate) fn check_pin_tries(&mut self, last_try: LastTry) -> Result<(), TokenError> {
         match self.pin_tries_left()? {
-            0 => {
-                return Err(TokenError::PinBlocked {
-                    token: self.name.clone(),
-                });
-            }
-            1 if last_try == LastTry::Refuse => {
-                return Err(TokenError::LastPinTry {
-                    token: self.name.clone(),
-                });
-            }
-            _ => {}
+            0 => Err(TokenError::PinBlocked {
+                token: self.name.clone(),
+            }),
+            1 if last_try == LastTry::Refuse => Err(TokenError::LastPinTry {
+                token: self.name.clone(),
+            }),
+            _ => Ok(()),
         }
+    }
+
+    /// VERIFY without reading the retry counter first, so the session keeps its
+    /// management-key authentication. Callers check the tries beforehand.
+    pub(crate) fn verify_pin_now(&mut self, pin: &Pin) -> Result<(), TokenError> {
         let name = self.name.clone();
         self.yubikey
             .verify_pin(pin.expose())
@@ -215,8 +224,8 @@ impl Token {
         let slot_id = SlotId::Retired(retired_slot(slot)?);
         match Certificate::read(&mut self.yubikey, slot_id) {
             Ok(cert) => Ok(cert.cert.to_der().ok()),
-            Err(yubikey::Error::PcscError { inner }) => Err(TokenError::from_device(
-                yubikey::Error::PcscError { inner },
+            Err(e @ yubikey::Error::PcscError { .. }) => Err(TokenError::from_device(
+                e,
                 &self.name,
                 "reading a certificate",
             )),
@@ -240,8 +249,8 @@ impl Token {
         }
         match piv::metadata(&mut self.yubikey, slot_id) {
             Ok(meta) => Ok(meta.public.is_some() || meta.origin.is_some()),
-            Err(yubikey::Error::PcscError { inner }) => Err(TokenError::from_device(
-                yubikey::Error::PcscError { inner },
+            Err(e @ yubikey::Error::PcscError { .. }) => Err(TokenError::from_device(
+                e,
                 &self.name,
                 "reading slot metadata",
             )),

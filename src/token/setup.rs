@@ -131,12 +131,9 @@ pub fn setup(
 
     if opts.pin_policy == PinPolicyChoice::Always {
         // The key wants the PIN immediately before each use, signing included.
-        // Verify directly: asking for the retry count would re-select the applet
-        // and drop the management-key authentication the certificate write needs.
-        token
-            .yubikey()
-            .verify_pin(pin.expose())
-            .map_err(|e| TokenError::from_device(e, &name, "verifying the PIN"))?;
+        // No retry-count check here: it would re-select the applet and drop the
+        // management-key authentication the certificate write needs.
+        token.verify_pin_now(&pin)?;
     }
     write_certificate(token, slot, spki, opts, prompts)?;
     Ok(SetupReport {
@@ -189,16 +186,11 @@ fn unlock_pin(
     prompts: &mut dyn SetupPrompts,
 ) -> Result<(Pin, bool, bool), TokenError> {
     let name = token.name().clone();
-    match token.pin_tries_left()? {
-        0 => return Err(TokenError::PinBlocked { token: name }),
-        1 if opts.last_try == LastTry::Refuse => {
-            return Err(TokenError::LastPinTry { token: name });
-        }
-        _ => {}
-    }
+    // Checked before prompting: do not ask for a PIN the card will not take.
+    token.check_pin_tries(opts.last_try)?;
     if is_default(token, ManagementSlotId::Pin) != Some(true) {
         let pin = prompts.current_pin(&name)?;
-        token.verify_pin(&pin, opts.last_try)?;
+        token.verify_pin_now(&pin)?;
         return Ok((pin, false, false));
     }
     prompts.step(&format!("{name} still has the factory PIN; replacing it"));
@@ -226,7 +218,7 @@ fn unlock_pin(
     } else {
         false
     };
-    token.verify_pin(&new_pin, opts.last_try)?;
+    token.verify_pin_now(&new_pin)?;
     Ok((new_pin, true, puk_changed))
 }
 
