@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # keybound demo, on a fresh Debian 12 machine: install what is missing, build,
-# plug a software PIV card into pcscd's virtual reader and provision it with
-# `keybound token setup`, showing `keybound token list` before and after.
+# plug a software PIV card into pcscd's virtual reader, provision it with
+# `keybound token setup`, create a vault bound to it, mount it, write and list
+# files, lock it, show that the container reveals nothing, and open it again.
 #
 # Starts pcscd only if it is not running, and stops on exit only what it
 # started. Secrets (the demo PINs) go through 0600 files in a private temp
@@ -19,8 +20,9 @@ SERIAL=10000001  # the software card's serial number
 READER=0         # virtual reader "Virtual PCD 00 00", vpcd TCP port 35963
 FACTORY_PIN=123456
 NEW_PIN=246810   # demo PIN only: the software card is a TEST DEVICE
+PASSWORD="demo password, not a secret"
 
-STEPS=10
+STEPS=13
 step_no=0
 step_title=""
 
@@ -60,9 +62,10 @@ SOFTCARD=$BIN/keybound-softcard
 for exe in "$KEYBOUND" "$SOFTCARD"; do
     [ -x "$exe" ] || fail "cargo build did not produce $exe"
 done
-if ! "$KEYBOUND" --help </dev/null 2>&1 | grep -qw token; then
-    fail "$KEYBOUND has no 'token' command yet (is the CLI implemented?)"
-fi
+for cmd in token create mount unmount; do
+    "$KEYBOUND" --help </dev/null 2>&1 | grep -qw "$cmd" ||
+        fail "$KEYBOUND has no '$cmd' command"
+done
 
 step "start pcscd if needed and wait for the virtual readers"
 start_pcscd_if_needed
@@ -78,36 +81,64 @@ kb_start_softcard "$SOFTCARD" "$KB_TMP/softcard-state.json" "$SERIAL" "$READER"
 CARD_PID=$KB_SOFTCARD_PID
 kb_say "card $SERIAL is in '$(kb_reader_name "$READER")' (pid $CARD_PID); yubico-piv-tool reads its serial"
 
-step "list tokens (a factory-fresh card)"
-run "$KEYBOUND" token list
-
 step "provision the card: keybound token setup"
-# The PIN files: created 0600 from the start (umask in a subshell), in a 0700 dir.
+# Secrets go in files created 0600 from the start (umask in a subshell), in a 0700 dir.
 PIN_FILE=$KB_TMP/pin
 NEW_PIN_FILE=$KB_TMP/new-pin
+PASSWORD_FILE=$KB_TMP/password
 (
     umask 077
     printf '%s\n' "$FACTORY_PIN" >"$PIN_FILE"
     printf '%s\n' "$NEW_PIN" >"$NEW_PIN_FILE"
+    printf '%s\n' "$PASSWORD" >"$PASSWORD_FILE"
 )
-kb_say "current PIN (factory $FACTORY_PIN) in $PIN_FILE, new demo PIN ($NEW_PIN) in $NEW_PIN_FILE, both mode 0600"
+kb_say "factory PIN $FACTORY_PIN, new demo PIN $NEW_PIN and the vault password are in 0600 files in $KB_TMP"
 run "$KEYBOUND" token setup --serial "$SERIAL" --pin-file "$PIN_FILE" --new-pin-file "$NEW_PIN_FILE"
-
-step "list tokens again, and check with yubico-piv-tool (an independent PIV client)"
 run "$KEYBOUND" token list
-printf '$ %s\n' "yubico-piv-tool -r '$(kb_reader_name "$READER")' -a status"
-status=$(yubico-piv-tool -r "$(kb_reader_name "$READER")" -a status </dev/null 9>&- 2>&1) ||
-    fail "yubico-piv-tool -a status failed: $status"
-printf '%s\n' "$status" | sed 's/^/    /'
-grep -Eq '^Slot (8[2-9a-f]|9[0-5]):' <<<"$status" ||
-    fail "yubico-piv-tool sees no key/certificate in a retired slot (82-95) after setup"
+
+step "create a vault bound to the card and a password: keybound create"
+VAULT=$KB_TMP/demo.kb
+MNT=$KB_TMP/vault
+mkdir "$MNT"
+run "$KEYBOUND" create "$VAULT" --serial "$SERIAL" --password-file "$PASSWORD_FILE" --pin-file "$NEW_PIN_FILE"
+run "$KEYBOUND" info "$VAULT"
+
+step "mount it (password + PIN): keybound mount"
+kb_track_mount "$MNT"
+run "$KEYBOUND" mount "$VAULT" "$MNT" --password-file "$PASSWORD_FILE" --pin-file "$NEW_PIN_FILE"
+run "$KEYBOUND" status
+
+step "write and list files in the mounted vault"
+MARKER="keybound demo plaintext $(date +%s)"
+printf '$ %s\n' "echo '$MARKER' > $MNT/hello.txt; mkdir $MNT/docs; cp /etc/os-release $MNT/docs/"
+printf '%s\n' "$MARKER" >"$MNT/hello.txt" || fail "cannot write into the vault"
+mkdir "$MNT/docs" && cp /etc/os-release "$MNT/docs/" || fail "cannot copy into the vault"
+run ls -lR "$MNT"
+run cat "$MNT/hello.txt"
+run df -h "$MNT"
+
+step "lock it: keybound unmount"
+run "$KEYBOUND" unmount "$MNT"
+[ -z "$(ls -A "$MNT")" ] || fail "the mountpoint still shows files after unmount"
+kb_say "$MNT is an empty directory again"
+
+step "the container reveals nothing: no plaintext, no file names"
+printf '$ %s\n' "grep -c -e '$MARKER' -e hello.txt -e os-release $VAULT"
+if grep -q -a -e "$MARKER" -e hello.txt -e os-release "$VAULT"; then
+    fail "the container file contains plaintext"
+fi
+kb_say "none found in $(stat -c %s "$VAULT") bytes of $VAULT"
+
+step "open it again and read the file back"
+run "$KEYBOUND" mount "$VAULT" "$MNT" --password-file "$PASSWORD_FILE" --pin-file "$NEW_PIN_FILE"
+[ "$(cat "$MNT/hello.txt")" = "$MARKER" ] || fail "hello.txt did not survive the remount"
+kb_say "hello.txt reads back: $(cat "$MNT/hello.txt")"
+run "$KEYBOUND" unmount "$MNT"
 
 step "pull the card out (stop keybound-softcard)"
 kb_stop_softcard "$CARD_PID" "$READER" ||
     fail "the reader still shows a card after the software card stopped"
 kb_say "reader '$(kb_reader_name "$READER")' is empty"
-
-step "list tokens with the card pulled"
 run "$KEYBOUND" token list
 
 step "clean up"

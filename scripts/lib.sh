@@ -19,6 +19,7 @@ KB_TMP=""             # per-run temp dir (kb_init), removed on exit
 KB_PCSCD_PID=""       # set only when WE started pcscd
 KB_PCSCD_BEFORE=""    # pcscd pids that existed when we started ours
 KB_SOFTCARD_PIDS=()   # software cards we started
+KB_MOUNTS=()          # mountpoints to unmount on exit (kb_track_mount)
 
 # ---- messages ----------------------------------------------------------------
 
@@ -96,9 +97,13 @@ kb_init() {
 # EXIT trap: stop our software cards, then our pcscd, then remove the temp dir.
 # Keeps the script's exit status.
 kb_cleanup() {
-    local rc=$? pid
+    local rc=$? pid mnt
     set +e
     trap - EXIT HUP INT TERM
+    for mnt in "${KB_MOUNTS[@]}"; do
+        kb_unmount_quietly "$mnt"
+    done
+    KB_MOUNTS=()
     for pid in "${KB_SOFTCARD_PIDS[@]}"; do
         kb_kill_and_wait "$pid"
     done
@@ -112,6 +117,17 @@ kb_cleanup() {
         fi
     fi
     exit "$rc"
+}
+
+# kb_track_mount DIR: unmount DIR when the script exits (if still mounted).
+kb_track_mount() { KB_MOUNTS+=("$1"); }
+
+# Unmount DIR if it is a mount point: cleanly (the vault commits), else lazily.
+kb_unmount_quietly() {
+    local dir=$1
+    mountpoint -q "$dir" 2>/dev/null || return 0
+    umount "$dir" 2>/dev/null || fusermount3 -u "$dir" 2>/dev/null ||
+        umount -l "$dir" 2>/dev/null || true
 }
 
 # Stop a process we started: SIGTERM, up to 5 s, then SIGKILL; reap it.
@@ -309,4 +325,310 @@ kb_stop_softcard() {
     done
     KB_SOFTCARD_PIDS=("${keep[@]}")
     kb_wait_for_card "$reader" absent
+}
+
+# ==============================================================================
+# ---- file systems under test: mounts, work dirs, gocryptfs, keybound vaults ----
+# Added for scripts/conformance.sh and scripts/bench.sh. Call kb_fs_track
+# right after kb_init: on exit, failure or Ctrl-C every mount registered here
+# is unmounted (newest first) and every registered work dir removed, before
+# kb_cleanup stops the software cards and pcscd.
+# ==============================================================================
+
+KB_FS_MOUNTS=()          # "kind:dir", newest last; kind is keybound, gocryptfs or fuse
+KB_FS_WORKDIRS=()        # dirs to remove on exit (after the unmounts)
+KB_FS_WORKDIR=""         # set by kb_fs_make_workdir
+KB_KEYBOUND=""        # the keybound binary (kb_build_keybound)
+KB_SOFTCARD=""        # the keybound-softcard binary
+KB_KB_PASSWORD_FILE="" # vault password file (kb_keybound_token_ready)
+KB_KB_PIN_FILE=""     # the card's PIN file
+KB_KB_SERIAL=""       # the software card's serial number
+KB_LAST_SECONDS=""    # wall time of the last kb_timed command, seconds (x.xxx)
+
+kb_fs_track() {
+    trap kb_fs_cleanup EXIT
+}
+
+KB_FS_EXIT_HOOK=""    # a function to run first on exit, with the exit status (e.g. print partial results)
+
+# EXIT trap (kb_fs_track): run KB_FS_EXIT_HOOK, unmount, remove work dirs,
+# then kb_cleanup (which keeps the script's exit status and exits).
+kb_fs_cleanup() {
+    local rc=$? i dir hook=$KB_FS_EXIT_HOOK
+    set +e
+    trap 'kb_warn "interrupted during cleanup"' INT TERM HUP
+    KB_FS_EXIT_HOOK=""
+    if [ -n "$hook" ]; then
+        "$hook" "$rc"
+    fi
+    for ((i = ${#KB_FS_MOUNTS[@]} - 1; i >= 0; i--)); do
+        kb_fs_unmount "${KB_FS_MOUNTS[i]#*:}"
+    done
+    for dir in "${KB_FS_WORKDIRS[@]}"; do
+        kb_fs_remove_workdir "$dir"
+    done
+    KB_FS_WORKDIRS=()
+    (exit "$rc")
+    kb_cleanup
+}
+
+kb_require_root() {
+    kb_is_root || kb_die "$1 must run as root (try: sudo $0 $*)"
+}
+
+# kb_now: seconds since the epoch, with nanoseconds.
+kb_now() { date +%s.%N; }
+
+# kb_timed CMD...: run CMD (stdin closed, readers lock not inherited), set
+# KB_LAST_SECONDS to its wall time. Returns CMD's status.
+kb_timed() {
+    local t0 t1 rc=0
+    t0=$(kb_now)
+    "$@" </dev/null 9>&- || rc=$?
+    t1=$(kb_now)
+    # shellcheck disable=SC2034 # read by the calling script
+    KB_LAST_SECONDS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    return "$rc"
+}
+
+# Write back dirty pages and drop the page, dentry and inode caches.
+kb_drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches || kb_die "cannot drop caches (need root)"
+}
+
+# kb_fs_make_workdir PARENT PREFIX: make a 0755 dir (other users must reach
+# mounts inside it: pjdfstest switches to nobody), removed on exit. Sets
+# KB_FS_WORKDIR. Not in $(...): the registration must happen in this shell.
+kb_fs_make_workdir() {
+    local parent=$1 prefix=$2
+    mkdir -p "$parent"
+    KB_FS_WORKDIR=$(mktemp -d "$parent/$prefix.XXXXXX")
+    chmod 755 "$KB_FS_WORKDIR"
+    KB_FS_WORKDIRS+=("$KB_FS_WORKDIR")
+}
+
+# Remove a work dir, unless something is still mounted inside it.
+kb_fs_remove_workdir() {
+    local dir=$1 m
+    [ -d "$dir" ] || return 0
+    if [ "${KB_KEEP_TMP:-0}" = 1 ]; then
+        kb_say "kept work dir $dir (KB_KEEP_TMP=1)"
+        return 0
+    fi
+    m=$(findmnt -rn -o TARGET | awk -v d="$dir" 'index($0, d "/") == 1 || $0 == d' | head -n 1)
+    if [ -n "$m" ]; then
+        kb_warn "not removing $dir: $m is still mounted"
+        return 0
+    fi
+    rm -rf "$dir"
+}
+
+kb_fs_is_mounted() { mountpoint -q "$1" 2>/dev/null; }
+
+# kb_fs_register KIND DIR: unmount DIR on exit.
+kb_fs_register() { KB_FS_MOUNTS+=("$1:$2"); }
+
+kb_fs_unregister() {
+    local e keep=()
+    for e in "${KB_FS_MOUNTS[@]}"; do
+        [ "${e#*:}" = "$1" ] || keep+=("$e")
+    done
+    KB_FS_MOUNTS=("${keep[@]}")
+}
+
+kb_fs_kind() {
+    local e
+    for e in "${KB_FS_MOUNTS[@]}"; do
+        if [ "${e#*:}" = "$1" ]; then
+            printf '%s\n' "${e%%:*}"
+            return 0
+        fi
+    done
+    printf 'fuse\n'
+}
+
+# kb_fs_wait_unmounted DIR [TIMEOUT]
+kb_fs_wait_unmounted() {
+    local dir=$1 timeout=${2:-10} deadline
+    deadline=$((SECONDS + timeout))
+    while kb_fs_is_mounted "$dir"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# kb_fs_unmount DIR: unmount one of our mounts (keybound: `keybound unmount`,
+# which commits and waits for its daemon; others: fusermount3 -u), falling
+# back to a lazy unmount. Never fails; warns.
+kb_fs_unmount() {
+    local dir=$1 kind
+    kind=$(kb_fs_kind "$dir")
+    kb_fs_unregister "$dir"
+    kb_fs_is_mounted "$dir" || return 0
+    if [ "$kind" = keybound ] && [ -n "$KB_KEYBOUND" ] && [ -x "$KB_KEYBOUND" ]; then
+        timeout 120 "$KB_KEYBOUND" unmount "$dir" </dev/null 9>&- >/dev/null 2>&1 ||
+            kb_warn "keybound unmount $dir failed; unmounting with fusermount3"
+    fi
+    if kb_fs_is_mounted "$dir"; then
+        fusermount3 -u "$dir" </dev/null 9>&- 2>/dev/null || umount "$dir" 2>/dev/null || true
+    fi
+    if ! kb_fs_wait_unmounted "$dir" 10; then
+        kb_warn "$dir is busy; lazy unmount"
+        fusermount3 -u -z "$dir" 2>/dev/null || umount -l "$dir" 2>/dev/null || true
+        kb_fs_wait_unmounted "$dir" 5 || kb_warn "$dir is still mounted"
+    fi
+}
+
+# kb_secret_file PATH VALUE: write a secret into a 0600 file.
+kb_secret_file() {
+    (
+        umask 077
+        printf '%s\n' "$2" >"$1"
+    )
+}
+
+# ---- gocryptfs ----
+
+# kb_gocryptfs_init CIPHERDIR PASSFILE [GOCRYPTFS OPTIONS...] (e.g. -scryptn 10)
+kb_gocryptfs_init() {
+    local cipher=$1 pass=$2 log
+    shift 2
+    log=${KB_TMP:-/tmp}/gocryptfs-init.log
+    mkdir -p "$cipher"
+    gocryptfs -q -init -passfile "$pass" "$@" "$cipher" </dev/null 9>&- >"$log" 2>&1 || {
+        kb_show_log "$log" "gocryptfs -init"
+        return 1
+    }
+}
+
+# kb_gocryptfs_mount CIPHERDIR MOUNTPOINT PASSFILE [GOCRYPTFS OPTIONS...]
+# (e.g. -allow_other, which also turns on default_permissions). The daemon's
+# messages go to $KB_TMP/gocryptfs.log (-nosyslog: there may be no syslog).
+kb_gocryptfs_mount() {
+    local cipher=$1 mnt=$2 pass=$3 log
+    shift 3
+    log=${KB_TMP:-/tmp}/gocryptfs.log
+    mkdir -p "$mnt"
+    gocryptfs -q -nosyslog -passfile "$pass" "$@" "$cipher" "$mnt" </dev/null 9>&- >>"$log" 2>&1 || {
+        kb_show_log "$log" "gocryptfs"
+        return 1
+    }
+    kb_fs_register gocryptfs "$mnt"
+    kb_fs_is_mounted "$mnt" || {
+        kb_show_log "$log" "gocryptfs"
+        kb_warn "gocryptfs returned but $mnt is not a mount point"
+        return 1
+    }
+}
+
+kb_gocryptfs_version() {
+    gocryptfs -version 2>/dev/null | head -n 1 | awk '{ sub(/;$/, "", $2); print $1 " " $2 }'
+}
+
+# ---- keybound ----
+
+# kb_build_keybound PROFILE: cargo build the binaries (dev or release); sets
+# KB_KEYBOUND and KB_SOFTCARD.
+kb_build_keybound() {
+    local profile=${1:-dev} dir
+    dir=${CARGO_TARGET_DIR:-$KB_ROOT/target}
+    kb_say "building keybound ($profile profile): cargo build --bins${profile:+ --profile $profile}"
+    (cd "$KB_ROOT" && cargo build --quiet --bins --profile "$profile" </dev/null 9>&-) || return 1
+    [ "$profile" = dev ] && profile=debug
+    KB_KEYBOUND=$dir/$profile/keybound
+    KB_SOFTCARD=$dir/$profile/keybound-softcard
+    [ -x "$KB_KEYBOUND" ] && [ -x "$KB_SOFTCARD" ]
+}
+
+# Whether this keybound has the vault commands (create, mount, unmount);
+# says which one is missing.
+kb_keybound_has_vault_commands() {
+    local c
+    for c in create mount unmount; do
+        if ! "$KB_KEYBOUND" "$c" --help </dev/null 9>&- >/dev/null 2>&1; then
+            kb_warn "this keybound has no working '$c' command yet ($KB_KEYBOUND $c --help fails)"
+            return 1
+        fi
+    done
+}
+
+# kb_keybound_token_ready SERIAL: pcscd, the readers lock, a fresh software
+# card in the first empty virtual reader, provisioned with `keybound token
+# setup` (factory PIN 123456 replaced by a test PIN), a vault password. Sets
+# KB_KB_SERIAL, KB_KB_READER, KB_KB_PIN_FILE, KB_KB_PASSWORD_FILE. The card is
+# a TEST DEVICE. Commands get --serial, so other cards may be plugged in.
+KB_KB_READER=""
+kb_keybound_token_ready() {
+    local serial=$1 reader log held
+    start_pcscd_if_needed
+    kb_lock_readers 300
+    for reader in 0 1 none; do
+        [ "$reader" = none ] && break
+        held=$(kb_card_serial "$reader") || break
+        kb_warn "reader '$(kb_reader_name "$reader")' already holds card ${held:-?} (not ours); trying the next one"
+    done
+    if [ "$reader" = none ]; then
+        kb_warn "both virtual readers hold a card; pull one out (stop its keybound-softcard)"
+        return 1
+    fi
+    kb_start_softcard "$KB_SOFTCARD" "$KB_TMP/softcard-$serial.json" "$serial" "$reader"
+    kb_secret_file "$KB_TMP/factory-pin" 123456
+    kb_secret_file "$KB_TMP/pin" 246810
+    kb_secret_file "$KB_TMP/vault-password" "keybound-test-password-$RANDOM$RANDOM"
+    log=$KB_TMP/token-setup.log
+    "$KB_KEYBOUND" token setup --serial "$serial" --pin-file "$KB_TMP/factory-pin" \
+        --new-pin-file "$KB_TMP/pin" </dev/null 9>&- >"$log" 2>&1 || {
+        kb_show_log "$log" "keybound token setup"
+        return 1
+    }
+    KB_KB_SERIAL=$serial
+    KB_KB_READER=$reader
+    KB_KB_PIN_FILE=$KB_TMP/pin
+    KB_KB_PASSWORD_FILE=$KB_TMP/vault-password
+}
+
+# kb_keybound_create VAULT [keybound create OPTIONS...] (--size, --kdf-time...)
+kb_keybound_create() {
+    local vault=$1 log=$KB_TMP/keybound-create.log
+    shift
+    "$KB_KEYBOUND" create "$vault" --serial "$KB_KB_SERIAL" \
+        --password-file "$KB_KB_PASSWORD_FILE" --pin-file "$KB_KB_PIN_FILE" "$@" \
+        </dev/null 9>&- >"$log" 2>&1 || {
+        kb_show_log "$log" "keybound create"
+        return 1
+    }
+}
+
+# kb_keybound_mount VAULT DIR [keybound mount OPTIONS...]: returns once the
+# mount is ready (keybound mount detaches only then).
+kb_keybound_mount() {
+    local vault=$1 mnt=$2 log=$KB_TMP/keybound-mount.log
+    shift 2
+    mkdir -p "$mnt"
+    "$KB_KEYBOUND" mount "$vault" "$mnt" --serial "$KB_KB_SERIAL" \
+        --password-file "$KB_KB_PASSWORD_FILE" --pin-file "$KB_KB_PIN_FILE" "$@" \
+        </dev/null 9>&- >>"$log" 2>&1 || {
+        kb_show_log "$log" "keybound mount"
+        return 1
+    }
+    kb_fs_register keybound "$mnt"
+    kb_fs_is_mounted "$mnt" || {
+        kb_warn "keybound mount returned 0 but $mnt is not a mount point"
+        return 1
+    }
+}
+
+# ---- the machine ----
+
+# Print cores, CPU, memory, kernel and the file system holding DIR.
+kb_machine_info() {
+    local dir=${1:-.} cpu flags
+    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+    flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'aes|vaes|avx2|avx512f|sha_ni' | tr '\n' ' ')
+    printf 'machine:  %s cores, %s (%s), %s MiB RAM\n' "$(nproc)" "${cpu:-unknown CPU}" "${flags% }" \
+        "$(awk '/^MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)"
+    printf 'kernel:   %s %s\n' "$(uname -sr)" "$(. /etc/os-release 2>/dev/null && printf '(%s)' "$PRETTY_NAME")"
+    printf 'disk:     %s\n' "$(findmnt -n -o SOURCE,FSTYPE,OPTIONS -T "$dir" | awk '{ print $1 ", " $2 ", " $3 }')"
+    printf 'load:     %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 }

@@ -26,11 +26,21 @@ APT_PACKAGES=(
     curl            # rustup installer, when Rust is missing
     procps          # pgrep: the scripts find pcscd with it
     openssl         # issues a certificate for the card key in the yubico-piv-tool test
+    gocryptfs       # the peer: conformance.sh and bench.sh run the same workloads on it
+    linux-source    # /usr/src/linux-source-*.tar.xz, the untar workload of bench.sh
+    xz-utils        # unpacks that tarball
+    time            # /usr/bin/time: wall time and peak memory in the scripts
+    attr            # getfattr/setfattr: xattr checks by hand and in later issues
+    rsync           # backup of a mounted container (later issues)
+    restic          # backup of a mounted container (later issues)
+    shellcheck      # lints scripts/*.sh
 )
 
 # Binaries from crates.io, "command:crate", installed with cargo install --locked.
 CARGO_TOOLS=(
     cargo-nextest:cargo-nextest # the test runner (scripts/test.sh)
+    pjdfstest:pjdfstest         # POSIX conformance suite (scripts/conformance.sh, tests/common/suites.rs)
+    fsx:fsx                     # file data integrity exerciser (same)
 )
 
 # Rust components the CI needs (cargo fmt, cargo clippy).

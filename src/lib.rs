@@ -5,7 +5,11 @@
 //! `token` (PIV over PC/SC), `softcard` (a software PIV card for tests and demos).
 //! Nothing in the library prints or reads a terminal; that is the CLI's job.
 
+pub mod container;
 pub mod crypto;
+pub mod fs;
+pub mod fuse;
+pub mod session;
 pub mod secrets;
 pub mod softcard;
 pub mod token;

@@ -1,6 +1,8 @@
 //! Stable exit codes, so scripts can tell failures apart (as gocryptfs does).
 //! Documented in docs/user-guide.md; never renumber one.
 
+use keybound::container::ContainerError;
+use keybound::session::SessionError;
 use keybound::token::TokenError;
 
 pub const OK: i32 = 0;
@@ -10,7 +12,7 @@ pub const OTHER: i32 = 1;
 pub const USAGE: i32 = 2;
 /// pcscd is not running or stopped answering.
 pub const NO_PCSCD: i32 = 10;
-/// No reader, no token, or not the token asked for.
+/// No reader, no token, or not the token asked for (or not one enrolled in the vault).
 pub const NO_TOKEN: i32 = 11;
 /// Several tokens present and none chosen.
 pub const AMBIGUOUS_TOKEN: i32 = 12;
@@ -24,6 +26,28 @@ pub const TOKEN_REMOVED: i32 = 15;
 pub const TOKEN_REFUSED: i32 = 16;
 /// A secret could not be read (file missing, no terminal) or locked in memory.
 pub const SECRET_INPUT: i32 = 17;
+/// The vault password was wrong (or the key slot is damaged).
+pub const WRONG_PASSWORD: i32 = 20;
+/// Not a keybound vault, both headers damaged, truncated, header tampered with.
+pub const VAULT_DAMAGED: i32 = 21;
+/// The vault is already open (mounted) somewhere.
+pub const VAULT_IN_USE: i32 = 22;
+/// The mountpoint is missing, not empty or already a mount point.
+pub const BAD_MOUNTPOINT: i32 = 23;
+/// FUSE is not available (/dev/fuse).
+pub const NO_FUSE: i32 = 24;
+/// The vault file exists already (create), or another refusal to overwrite.
+pub const EXISTS: i32 = 25;
+/// `unmount`: files are still open in the mount.
+pub const MOUNT_BUSY: i32 = 26;
+
+/// An error that carries its own exit code (e.g. relayed from the mount daemon).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Coded {
+    pub code: i32,
+    pub message: String,
+}
 
 /// The exit code for a token error.
 pub fn for_token_error(err: &TokenError) -> i32 {
@@ -47,11 +71,60 @@ pub fn for_token_error(err: &TokenError) -> i32 {
     }
 }
 
+/// The exit code for a container error.
+pub fn for_container_error(err: &ContainerError) -> i32 {
+    use ContainerError as E;
+    match err {
+        E::NotAContainer { .. }
+        | E::UnsupportedVersion { .. }
+        | E::BothHeadersDamaged { .. }
+        | E::Truncated { .. }
+        | E::HeaderMac { .. } => VAULT_DAMAGED,
+        E::Locked { .. } => VAULT_IN_USE,
+        E::Exists { .. } => EXISTS,
+        E::SlotUnwrap { .. } => WRONG_PASSWORD,
+        E::Secret(_) => SECRET_INPUT,
+        _ => OTHER,
+    }
+}
+
+/// The exit code for a session error.
+pub fn for_session_error(err: &SessionError) -> i32 {
+    use SessionError as E;
+    match err {
+        E::Token(t) => for_token_error(t),
+        E::Container(c) => for_container_error(c),
+        E::Secret(_) => SECRET_INPUT,
+        E::Mountpoint(_) => BAD_MOUNTPOINT,
+        E::WrongPassword { .. } => WRONG_PASSWORD,
+        E::AlreadyMounted { .. } => VAULT_IN_USE,
+        E::TokenNotEnrolled { .. } | E::NoTokenSlot { .. } | E::NoKeyOnToken { .. } => NO_TOKEN,
+        E::AmbiguousToken { .. } | E::SeveralKeysOnToken { .. } => AMBIGUOUS_TOKEN,
+        E::NoFuse { .. } => NO_FUSE,
+        _ => OTHER,
+    }
+}
+
 /// The exit code for any error the CLI returns: the most specific cause wins.
 pub fn for_error(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(coded) = cause.downcast_ref::<Coded>() {
+            return coded.code;
+        }
+        if let Some(s) = cause.downcast_ref::<SessionError>() {
+            return for_session_error(s);
+        }
+        if let Some(c) = cause.downcast_ref::<ContainerError>() {
+            return for_container_error(c);
+        }
         if let Some(t) = cause.downcast_ref::<TokenError>() {
             return for_token_error(t);
+        }
+        if cause
+            .downcast_ref::<keybound::session::MountpointError>()
+            .is_some()
+        {
+            return BAD_MOUNTPOINT;
         }
         if cause
             .downcast_ref::<keybound::secrets::SecretError>()

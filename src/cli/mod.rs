@@ -1,8 +1,10 @@
 //! The command line: the only layer that prints to or reads from a user.
 
 pub mod exitcodes;
+mod mount_cmd;
 mod prompt;
 mod token_cmd;
+mod vault_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -29,10 +31,26 @@ pub enum Command {
     /// PIV tokens (YubiKeys, smart cards): list, set up, export.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
+    /// Create a new vault bound to a plugged-in token and a password.
+    Create(vault_cmd::CreateArgs),
+    /// Unlock a vault (password + token PIN) and mount it on an empty directory.
+    Mount(mount_cmd::MountArgs),
+    /// Commit everything, unmount a vault and wipe its keys.
+    #[command(visible_alias = "lock")]
+    Unmount(mount_cmd::UnmountArgs),
+    /// List mounted vaults.
+    Status(vault_cmd::StatusArgs),
+    /// Show a vault's header: format, container id, key slots, KDF settings. Never secrets.
+    Info(vault_cmd::InfoArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Token(cmd) => token_cmd::run(cmd),
+        Command::Create(args) => vault_cmd::create(args),
+        Command::Mount(args) => mount_cmd::mount(args),
+        Command::Unmount(args) => mount_cmd::unmount(args),
+        Command::Status(args) => vault_cmd::status(args),
+        Command::Info(args) => vault_cmd::info(args),
     }
 }

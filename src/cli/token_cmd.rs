@@ -77,7 +77,7 @@ pub struct SetupArgs {
     json: bool,
 }
 
-fn parse_slot(s: &str) -> Result<u8, String> {
+pub fn parse_slot(s: &str) -> Result<u8, String> {
     let slot = u8::from_str_radix(s.trim_start_matches("0x"), 16)
         .map_err(|_| format!("{s:?} is not a hex slot number like 82"))?;
     if !(0x82..=0x95).contains(&slot) {

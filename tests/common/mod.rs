@@ -3,6 +3,8 @@
 //! parallel processes (cargo-nextest) take turns on the two virtual readers.
 #![allow(dead_code)]
 
+pub mod vault;
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,431 @@
+//! `keybound mount` and `keybound unmount` (alias `lock`).
+//!
+//! `mount` checks everything it can before asking for a secret (FUSE, the
+//! container, the mountpoint, which enrolled token is plugged in), asks for
+//! the password and the PIN, and then either serves in the foreground (`-f`)
+//! or starts itself again as a detached daemon, handing the secrets over
+//! through pipes (never argv) and waiting until the daemon reports that the
+//! mount is ready, or why it failed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use keybound::container::{Access, Container, ContainerError};
+use keybound::secrets::SecretBytes;
+use keybound::session::{self, SessionError, daemon, mountpoint, registry, unlock};
+use keybound::token::{LastTry, Pin};
+
+use super::{exitcodes, prompt};
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The container file.
+    vault: PathBuf,
+    /// An empty directory to mount it on.
+    dir: PathBuf,
+    /// Use the enrolled token with this serial (needed when several are plugged in).
+    #[arg(long)]
+    serial: Option<u32>,
+    /// Read the vault password from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the token's PIN from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// Stay in the foreground (for systemd and debugging); log to stderr.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount read-only: nothing in the container changes.
+    #[arg(long)]
+    read_only: bool,
+    /// Let other users (and root) see into the mount; permissions still apply.
+    /// Needs root, or user_allow_other in /etc/fuse.conf.
+    #[arg(long)]
+    allow_other: bool,
+    /// Allow spending the token's last PIN try (a wrong PIN then blocks it).
+    #[arg(long)]
+    allow_last_pin_try: bool,
+    /// Internal: the file descriptor a detached daemon reports readiness on.
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+}
+
+#[derive(Args)]
+pub struct UnmountArgs {
+    /// The mountpoint of a vault.
+    dir: PathBuf,
+}
+
+/// What the checks before any secret found.
+struct Prepared {
+    mountpoint: PathBuf,
+    choice: unlock::Choice,
+}
+
+pub fn mount(args: MountArgs) -> Result<()> {
+    let ready = args.ready_fd.map(ReadyPipe::from_fd);
+    match mount_inner(&args, ready.as_ref()) {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            if let Some(pipe) = &ready {
+                pipe.failed(&err);
+            }
+            Err(err)
+        }
+    }
+}
+
+fn mount_inner(args: &MountArgs, ready: Option<&ReadyPipe>) -> Result<()> {
+    let prepared = prepare(args)?;
+    let serial = prepared.choice.serial;
+    let password = prompt::secret(
+        args.password_file.as_deref(),
+        "password",
+        &format!("Password for {}: ", args.vault.display()),
+        "--password-file",
+    )?;
+    let pin = prompt::pin(
+        args.pin_file.as_deref(),
+        &format!("PIN of token {serial}: "),
+    )?;
+    if args.foreground || ready.is_some() {
+        serve(args, prepared, password, pin, ready)
+    } else {
+        spawn_daemon(args, &prepared, password, pin)
+    }
+}
+
+fn prepare(args: &MountArgs) -> Result<Prepared> {
+    session::mountpoint::check_fuse()?;
+    let header = Container::inspect(&args.vault)?;
+    check_not_mounted(&args.vault)?;
+    let mountpoint = mountpoint::check(&args.dir)?;
+    let choice = unlock::choose_slot(&args.vault, &header, args.serial)?;
+    Ok(Prepared { mountpoint, choice })
+}
+
+/// Refuse early if another daemon holds the vault, naming it.
+fn check_not_mounted(vault: &Path) -> Result<()> {
+    match Container::open(vault, Access::ReadOnly) {
+        Ok(_) => Ok(()),
+        Err(e @ ContainerError::Locked { .. }) => Err(already_mounted(vault, e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn already_mounted(vault: &Path, err: ContainerError) -> anyhow::Error {
+    let holder = match &err {
+        ContainerError::Locked { holder, .. } => *holder,
+        _ => None,
+    };
+    let record =
+        registry::find_by_container(vault).or_else(|| holder.and_then(registry::find_by_pid));
+    match record {
+        Some(r) => SessionError::AlreadyMounted {
+            vault: vault.to_path_buf(),
+            mountpoint: r.mountpoint.display().to_string(),
+            pid: r.pid,
+        }
+        .into(),
+        None => err.into(),
+    }
+}
+
+fn serve(
+    args: &MountArgs,
+    prepared: Prepared,
+    password: SecretBytes,
+    pin: Pin,
+    ready: Option<&ReadyPipe>,
+) -> Result<()> {
+    let access = if args.read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let container = match Container::open(&args.vault, access) {
+        Err(e @ ContainerError::Locked { .. }) => return Err(already_mounted(&args.vault, e)),
+        other => other?,
+    };
+    let last_try = if args.allow_last_pin_try {
+        LastTry::Allow
+    } else {
+        LastTry::Refuse
+    };
+    let master_key = unlock::unlock(&container, &prepared.choice, &password, &pin, last_try)?;
+    drop((password, pin));
+    let options = daemon::ServeOptions {
+        read_only: args.read_only,
+        allow_other: args.allow_other,
+        log: ready.and(registry::log_path(std::process::id()).ok()),
+    };
+    let vault = args.vault.display().to_string();
+    let ended = daemon::serve(
+        container,
+        master_key,
+        &prepared.mountpoint,
+        &prepared.choice,
+        &options,
+        |record| match ready {
+            Some(pipe) => pipe.ready(),
+            None => println!(
+                "Mounted {vault} at {} (token {}, key slot {}). Lock it with: keybound unmount {}",
+                record.mountpoint.display(),
+                prepared.choice.serial,
+                record.key_slot,
+                record.mountpoint.display()
+            ),
+        },
+    )?;
+    tracing::info!(?ended, "vault locked");
+    Ok(())
+}
+
+/// Start `keybound mount -f` detached, secrets through pipes, and wait for it.
+fn spawn_daemon(
+    args: &MountArgs,
+    prepared: &Prepared,
+    password: SecretBytes,
+    pin: Pin,
+) -> Result<()> {
+    let (password_rx, password_tx) = pipe()?;
+    let (pin_rx, pin_tx) = pipe()?;
+    let (ready_rx, ready_tx) = pipe()?;
+    let exe = std::env::current_exe().context("cannot find the keybound executable")?;
+    let log_dir = registry::log_path(0)
+        .map(|p| p.with_file_name(""))
+        .context("cannot create the log directory")?;
+    let log_file = tempfile_in(&log_dir)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&args.vault)
+        .arg(&prepared.mountpoint)
+        .args(["--serial", &prepared.choice.serial.to_string()])
+        .args(["--password-file", "/dev/fd/3", "--pin-file", "/dev/fd/4"])
+        .args(["--ready-fd", "5"]);
+    for (flag, on) in [
+        ("--read-only", args.read_only),
+        ("--allow-other", args.allow_other),
+        ("--allow-last-pin-try", args.allow_last_pin_try),
+    ] {
+        if on {
+            cmd.arg(flag);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file.1.try_clone()?);
+    let fds = [
+        password_rx.as_raw_fd(),
+        pin_rx.as_raw_fd(),
+        ready_tx.as_raw_fd(),
+    ];
+    // SAFETY: between fork and exec the closure only calls async-signal-safe
+    // functions (setsid, dup2) on descriptors that are open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Move the pipes above the targets first: a pipe may already sit
+            // on 3, 4 or 5, and dup2 onto itself would keep its close-on-exec.
+            let mut high = [0; 3];
+            for (slot, fd) in high.iter_mut().zip(fds) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if *slot < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (target, fd) in (3..).zip(high) {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount daemon")?;
+    drop((password_rx, pin_rx, ready_tx));
+    send_secret(password_tx, password.expose())?;
+    send_secret(pin_tx, pin.expose())?;
+    drop((password, pin));
+    let log_path = rename_log(&log_file.0, child.id());
+    match read_ready(ready_rx) {
+        Ready::Ok => {
+            println!(
+                "Mounted {} at {} (token {}, key slot {}). Lock it with: keybound unmount {}",
+                args.vault.display(),
+                prepared.mountpoint.display(),
+                prepared.choice.serial,
+                prepared.choice.slot.index,
+                prepared.mountpoint.display()
+            );
+            Ok(())
+        }
+        Ready::Failed { code, message } => {
+            let _ = child.wait();
+            Err(exitcodes::Coded { code, message }.into())
+        }
+        Ready::Silent => {
+            let status = child.wait()?;
+            bail!(
+                "the mount daemon exited ({status}) without mounting; its log is {}",
+                log_path.display()
+            )
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid out-array of two ints. O_CLOEXEC keeps the
+    // pipes out of any other child; the daemon gets copies through dup2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create a pipe");
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn send_secret(fd: OwnedFd, secret: &[u8]) -> Result<()> {
+    let mut file = std::fs::File::from(fd);
+    file.write_all(secret)
+        .and_then(|()| file.write_all(b"\n"))
+        .context("cannot hand a secret to the mount daemon")
+}
+
+fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
+    let path = dir.join(format!("mount-starting-{}.log", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot create the daemon log {}", path.display()))?;
+    Ok((path, file))
+}
+
+/// Name the daemon's log after its pid, as `status` shows it.
+fn rename_log(path: &Path, pid: u32) -> PathBuf {
+    let target = registry::log_path(pid).unwrap_or_else(|_| path.to_path_buf());
+    match std::fs::rename(path, &target) {
+        Ok(()) => target,
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+enum Ready {
+    Ok,
+    Failed { code: i32, message: String },
+    Silent,
+}
+
+/// The daemon writes `READY` or `ERROR <code>` and a message, then closes.
+fn read_ready(fd: OwnedFd) -> Ready {
+    let mut lines = BufReader::new(std::fs::File::from(fd)).lines();
+    let Some(Ok(first)) = lines.next() else {
+        return Ready::Silent;
+    };
+    if first == "READY" {
+        return Ready::Ok;
+    }
+    let code = first
+        .strip_prefix("ERROR ")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(exitcodes::OTHER);
+    let message = lines.map_while(Result::ok).collect::<Vec<_>>().join("\n");
+    Ready::Failed { code, message }
+}
+
+/// The daemon's end of the readiness pipe.
+struct ReadyPipe {
+    file: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl ReadyPipe {
+    fn from_fd(fd: i32) -> Self {
+        // SAFETY: the parent passed this descriptor to us and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        ReadyPipe {
+            file: std::sync::Mutex::new(Some(file)),
+        }
+    }
+
+    fn send(&self, text: &str) {
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut file) = guard.take() {
+            let _ = file.write_all(text.as_bytes());
+        }
+    }
+
+    fn ready(&self) {
+        self.send("READY\n");
+    }
+
+    fn failed(&self, err: &anyhow::Error) {
+        self.send(&format!("ERROR {}\n{err:#}\n", exitcodes::for_error(err)));
+    }
+}
+
+pub fn unmount(args: UnmountArgs) -> Result<()> {
+    let path = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("{} does not exist", args.dir.display()))?;
+    let record = registry::find_by_mountpoint(&path);
+    match mountpoint::mount_at(&path) {
+        None if record.is_none() => bail!("{} is not a mounted keybound vault", path.display()),
+        Some(m) if !daemon::is_keybound_entry(&m) => bail!(
+            "{} is not a keybound vault: it is a {} mount of {}",
+            path.display(),
+            m.fstype,
+            m.source
+        ),
+        _ => {}
+    }
+    if let Err(e) = daemon::unmount(&path, false) {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Err(exitcodes::Coded {
+                code: exitcodes::MOUNT_BUSY,
+                message: format!(
+                    "{} is busy: a program has a file or its working directory open there \
+                     (`fuser -vm {}` lists them); close it and try again",
+                    path.display(),
+                    path.display()
+                ),
+            }
+            .into());
+        }
+        return Err(e).with_context(|| format!("cannot unmount {}", path.display()));
+    }
+    if let Some(r) = &record {
+        wait_for_exit(r.pid, Duration::from_secs(60))?;
+    }
+    match record {
+        Some(r) => println!(
+            "Locked {}: unmounted {}, keys wiped",
+            r.container.display(),
+            path.display()
+        ),
+        None => println!("Unmounted {}", path.display()),
+    }
+    Ok(())
+}
+
+/// The daemon commits and exits after the unmount; wait for that, so the
+/// container is complete when `unmount` returns.
+fn wait_for_exit(pid: u32, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while registry::process_alive(pid) {
+        if start.elapsed() > timeout {
+            bail!(
+                "the mount daemon (process {pid}) has not exited {} s after the unmount; \
+                 check its log",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! `keybound create`, `keybound info` and `keybound status`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use keybound::container::{Container, HeaderInfo, SlotKind};
+use keybound::session::{create, registry};
+use keybound::token::{LastTry, TokenPublicKey};
+
+use super::{exitcodes, prompt};
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// The container file to create (it must not exist).
+    vault: PathBuf,
+    /// Bind to the token with this serial (needed when several are plugged in).
+    #[arg(long)]
+    serial: Option<u32>,
+    /// The token's keybound key to bind (retired slot, hex); its only one by default.
+    #[arg(long, value_parser = super::token_cmd::parse_slot)]
+    slot: Option<u8>,
+    /// Preallocate a fixed-size container (e.g. 10G, 500M), so its size says
+    /// nothing about how much is stored. Without it the container grows as needed.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// A name for the first key slot (shown by `keybound info`).
+    #[arg(long, default_value = "owner")]
+    label: String,
+    /// Read the new vault password from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the token's PIN from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// How long one password derivation (Argon2id) should take on this machine.
+    /// Longer is stronger against guessing; every mount pays it once.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    kdf_time: Duration,
+    /// Argon2id memory in MiB (at least 64).
+    #[arg(long, default_value_t = 64)]
+    kdf_memory_mib: u32,
+    /// Allow spending the token's last PIN try.
+    #[arg(long)]
+    allow_last_pin_try: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// The container file.
+    vault: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn create(args: CreateArgs) -> Result<()> {
+    if args.vault.exists() {
+        return Err(exitcodes::Coded {
+            code: exitcodes::EXISTS,
+            message: format!(
+                "{} exists already; keybound never overwrites a file — choose another name",
+                args.vault.display()
+            ),
+        }
+        .into());
+    }
+    let binding = create::find_binding(args.serial, args.slot)?;
+    let serial = binding.token.serial();
+    let password = prompt::new_secret(
+        args.password_file.as_deref(),
+        "vault password",
+        "--password-file",
+    )?;
+    create::check_password(&password)?;
+    let pin = prompt::pin(
+        args.pin_file.as_deref(),
+        &format!("PIN of token {serial}: "),
+    )?;
+    let request = create::CreateRequest {
+        vault: &args.vault,
+        serial: args.serial,
+        piv_slot: args.slot,
+        fixed_size: args.size,
+        label: args.label.clone(),
+        kdf_time: args.kdf_time,
+        kdf_memory_kib: args.kdf_memory_mib.saturating_mul(1024),
+        last_try: if args.allow_last_pin_try {
+            LastTry::Allow
+        } else {
+            LastTry::Refuse
+        },
+        owner: owner(),
+    };
+    let bar = args.size.map(progress_bar);
+    let created = create::create(&request, binding, &password, &pin, &mut |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "vault": created.vault,
+            "container_id": hex::encode(created.header.id),
+            "token_serial": created.serial,
+            "piv_slot": format!("{:02x}", created.piv_slot),
+            "key_fingerprint": created.fingerprint,
+            "argon2id": created.argon,
+            "fixed_size": created.header.fixed_size,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("Created {}", created.vault.display());
+    println!("  container id  {}", hex::encode(created.header.id));
+    println!(
+        "  bound to      token {}, PIV slot {:02x}, key {}",
+        created.serial, created.piv_slot, created.fingerprint
+    );
+    println!(
+        "  password KDF  Argon2id, {} MiB, {} passes, {} lane(s) (about {} here)",
+        created.argon.memory_kib / 1024,
+        created.argon.iterations,
+        created.argon.parallelism,
+        humantime(args.kdf_time)
+    );
+    println!(
+        "  size          {}",
+        match created.header.fixed_size {
+            Some(bytes) => format!("fixed, {}", human_bytes(bytes)),
+            None => "grows as needed".to_string(),
+        }
+    );
+    println!(
+        "Mount it with: keybound mount {} DIR",
+        created.vault.display()
+    );
+    Ok(())
+}
+
+fn owner() -> (u32, u32) {
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "preallocating {bar:40} {bytes}/{total_bytes} ({eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+pub fn info(args: InfoArgs) -> Result<()> {
+    let header = Container::inspect(&args.vault)?;
+    let mounted = registry::find_by_container(&args.vault);
+    if args.json {
+        let mut value = serde_json::to_value(&header)?;
+        value["mounted"] = serde_json::to_value(&mounted)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print_header(&args.vault, &header);
+    if let Some(m) = mounted {
+        println!(
+            "  mounted       at {} by process {} since {}",
+            m.mountpoint.display(),
+            m.pid,
+            format_time(m.since)
+        );
+    }
+    Ok(())
+}
+
+fn print_header(vault: &std::path::Path, h: &HeaderInfo) {
+    println!(
+        "{}: keybound vault, format version {}",
+        vault.display(),
+        h.version
+    );
+    println!("  container id  {}", hex::encode(h.id));
+    println!("  header        {}", h.header_state());
+    println!(
+        "  size          {} on disk; {}",
+        human_bytes(h.file_len),
+        match h.fixed_size {
+            Some(bytes) => format!("fixed at {}", human_bytes(bytes)),
+            None => "grows as needed".to_string(),
+        }
+    );
+    println!("  key slots");
+    for slot in &h.slots {
+        let what = match &slot.kind {
+            SlotKind::Token {
+                serial,
+                piv_slot,
+                card_public,
+                argon,
+                ..
+            } => format!(
+                "token {serial}, PIV slot {piv_slot:02x}, key {}, Argon2id {} MiB/{} passes/{} lane(s)",
+                TokenPublicKey::from_sec1(card_public)
+                    .map(|k| k.fingerprint())
+                    .unwrap_or_else(|_| "(invalid key)".into()),
+                argon.memory_kib / 1024,
+                argon.iterations,
+                argon.parallelism
+            ),
+            SlotKind::Recovery => "recovery key".to_string(),
+        };
+        println!(
+            "    {}  {what}; label {:?}, created {}",
+            slot.index,
+            slot.label,
+            format_time(slot.created)
+        );
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let mounts = registry::list();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&mounts)?);
+        return Ok(());
+    }
+    if mounts.is_empty() {
+        println!("No vault is mounted.");
+        return Ok(());
+    }
+    for m in mounts {
+        println!(
+            "{}  mounted at {}{}\n    token {}, key slot {}, since {}, process {}",
+            m.container.display(),
+            m.mountpoint.display(),
+            if m.read_only { " (read-only)" } else { "" },
+            m.token_serial
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into()),
+            m.key_slot,
+            format_time(m.since),
+            m.pid
+        );
+    }
+    Ok(())
+}
+
+/// "10G", "512M", "1T", "4096" (bytes); powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let number: f64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (try 10G or 500M)"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown size unit in {text:?} (use K, M, G or T)")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if !(1.0..=(u64::MAX as f64)).contains(&bytes) {
+        return Err(format!("{text:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// "1s", "500ms", "2.5s", "1m".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: f64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 1s or 500ms)"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" | "" => number,
+        "m" | "min" => number * 60.0,
+        _ => return Err(format!("unknown time unit in {text:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Unix seconds as UTC "YYYY-MM-DD HH:MM:SS UTC" (no time-zone database needed).
+pub fn format_time(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_durations_and_dates_parse() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5X").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_795_430_096), "2026-11-23 10:34:56 UTC");
+    }
+
+    #[test]
+    fn bytes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+    }
+}

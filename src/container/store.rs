@@ -1,0 +1,881 @@
+//! The encrypted sector store: redb's `StorageBackend` over sealed sectors
+//! (FORMAT.md §4).
+//!
+//! redb sees a plain byte array of `store_len` bytes in 4096-byte pages.
+//! Page 0 (redb's header, rewritten on every commit) is a shadow pair in
+//! physical sectors 0 and 1; page k > 0 is physical sector k + 1. Every
+//! physical sector below the *extent* has been sealed at least once and must
+//! authenticate; sectors at or beyond it read as zeros without touching the
+//! file, which is what `set_len` growth must look like.
+//!
+//! Concurrency: `live` is a read–write lock. Reads share it (and may run in
+//! parallel); writes, `set_len` and `close` hold it exclusively, so a read
+//! never sees a half-written sector or inserts stale plaintext into the
+//! cache. `sync_data` holds it shared: it changes no sector. Lock order:
+//! `live`, then `cache`, then `meta`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use zeroize::Zeroize;
+
+use super::cache::SectorCache;
+use super::error::ContainerError;
+use super::fill_random;
+use super::header::{Header, HeaderWriter};
+use super::layout::*;
+use crate::crypto::{CONTAINER_ID_LEN, HeaderMac, NONCE_LEN, SectorCipher, TAG_LEN};
+
+/// Default size of the plaintext sector cache.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// Sectors sealed or opened per `pwrite`/`pread` at most (1 MiB of
+/// plaintext), bounding the buffers a large request needs.
+const IO_CHUNK_SECTORS: u64 = 256;
+
+const S: u64 = SECTOR_SIZE as u64;
+
+/// The state every access consults: redb's length, the extent, the shadow
+/// pair of page 0 and the seal count.
+#[derive(Debug)]
+struct Live {
+    /// redb's logical length: what `len()` returns.
+    store_len: u64,
+    /// Physical sectors `0..extent` have been sealed at least once.
+    extent: u64,
+    /// The physical sector (0 or 1) holding the newest copy of page 0.
+    page0_newest: Option<u64>,
+    /// Its generation (0 if none authenticates).
+    page0_generation: u64,
+    /// Seals spent under this key epoch (counting from the header's reserve
+    /// at open: seals before that are unknowable, so all are assumed spent).
+    seals: u64,
+    /// The seal budget reserved in the header on disk.
+    reserve: u64,
+}
+
+/// The header as last written, and the means to write it.
+struct Meta {
+    header: Header,
+    writer: HeaderWriter,
+    mac: HeaderMac,
+}
+
+impl Meta {
+    fn write(&mut self, file: &File) -> io::Result<()> {
+        self.writer
+            .write(file, &mut self.header, &self.mac)
+            .map(|_| ())
+    }
+}
+
+/// An authentic copy of redb's page 0 in the shadow pair.
+#[derive(Clone, Copy)]
+struct Page0Copy {
+    /// Physical sector: 0 or 1.
+    sector: u64,
+    generation: u64,
+}
+
+/// What a physical sector about to be sealed holds.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Plaintext page `i` of the write's buffer.
+    Page(usize),
+    /// Zeros: a gap below the new extent that was never written.
+    Zero,
+}
+
+/// An unlocked container's data area, ready for redb. Holds the container's
+/// file lock, the sector key and a cache of plaintext in locked memory; all
+/// are released and wiped when it is dropped.
+pub struct SectorStore {
+    path: PathBuf,
+    file: File,
+    id: [u8; CONTAINER_ID_LEN],
+    epoch: u32,
+    read_only: bool,
+    /// Fixed size in physical sectors, for preallocated containers.
+    capacity: Option<u64>,
+    cipher: SectorCipher,
+    live: RwLock<Live>,
+    cache: Mutex<SectorCache>,
+    meta: Mutex<Meta>,
+    damaged_reads: AtomicU64,
+    damaged_sectors: Mutex<BTreeSet<u64>>,
+    /// Set by tests that simulate a crash: drop then writes nothing.
+    abandoned: AtomicBool,
+    #[cfg(test)]
+    page0_tail_writes: AtomicU64,
+}
+
+/// Everything `Container::into_store` hands over.
+pub(crate) struct StoreParts {
+    pub path: PathBuf,
+    pub file: File,
+    pub read_only: bool,
+    pub header: Header,
+    pub writer: HeaderWriter,
+    pub mac: HeaderMac,
+    pub cipher: SectorCipher,
+    pub cache_bytes: usize,
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("the sector store is unusable after a panic in another thread")
+}
+
+impl SectorStore {
+    pub(crate) fn new(parts: StoreParts) -> Result<SectorStore, ContainerError> {
+        let h = &parts.header;
+        let live = Live {
+            store_len: h.store_len,
+            extent: h.extent,
+            page0_newest: None,
+            page0_generation: 0,
+            seals: h.seal_reserve,
+            reserve: h.seal_reserve,
+        };
+        let store = SectorStore {
+            id: h.id,
+            epoch: h.epoch,
+            capacity: h.fixed().then_some(h.capacity),
+            path: parts.path,
+            file: parts.file,
+            read_only: parts.read_only,
+            cipher: parts.cipher,
+            live: RwLock::new(live),
+            cache: Mutex::new(SectorCache::new(cache_limit(parts.cache_bytes))),
+            meta: Mutex::new(Meta {
+                header: parts.header,
+                writer: parts.writer,
+                mac: parts.mac,
+            }),
+            damaged_reads: AtomicU64::new(0),
+            damaged_sectors: Mutex::new(BTreeSet::new()),
+            abandoned: AtomicBool::new(false),
+            #[cfg(test)]
+            page0_tail_writes: AtomicU64::new(0),
+        };
+        store
+            .find_page0()
+            .map_err(|e| ContainerError::io(&store.path, "read", e))?;
+        Ok(store)
+    }
+
+    /// Reads that met a sector failing authentication (each such sector
+    /// counts once per read). The filesystem compares this before and after
+    /// an operation and fails the operation with EIO if it moved.
+    pub fn damaged_reads(&self) -> u64 {
+        self.damaged_reads.load(Ordering::Acquire)
+    }
+
+    /// Physical sector numbers that failed authentication so far.
+    pub fn damaged_sectors(&self) -> Vec<u64> {
+        self.damaged_sectors
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The most bytes the store can hold, for a fixed-size container; `None`
+    /// when it grows with the host filesystem.
+    pub fn capacity(&self) -> Option<u64> {
+        self.capacity.map(|cap| (cap - 1) * S)
+    }
+
+    /// Bytes of the store that are backed by sealed sectors (the extent, as
+    /// redb bytes). Never more than [`Self::capacity`].
+    pub fn written_bytes(&self) -> u64 {
+        self.live
+            .read()
+            .map(|l| l.extent.saturating_sub(1) * S)
+            .unwrap_or(0)
+    }
+
+    pub fn container_path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn container_id(&self) -> [u8; CONTAINER_ID_LEN] {
+        self.id
+    }
+
+    fn live_read(&self) -> io::Result<RwLockReadGuard<'_, Live>> {
+        self.live.read().map_err(|_| poisoned())
+    }
+
+    fn live_write(&self) -> io::Result<RwLockWriteGuard<'_, Live>> {
+        self.live.write().map_err(|_| poisoned())
+    }
+
+    fn cache(&self) -> io::Result<MutexGuard<'_, SectorCache>> {
+        self.cache.lock().map_err(|_| poisoned())
+    }
+
+    fn meta(&self) -> io::Result<MutexGuard<'_, Meta>> {
+        self.meta.lock().map_err(|_| poisoned())
+    }
+
+    // ------------------------------------------------------ sealing ----
+
+    fn aad(&self, sector: u64) -> [u8; SECTOR_AAD_LEN] {
+        let mut aad = [0u8; SECTOR_AAD_LEN];
+        let (label, rest) = aad.split_at_mut(SECTOR_AAD_LABEL.len());
+        label.copy_from_slice(SECTOR_AAD_LABEL);
+        let (id, rest) = rest.split_at_mut(CONTAINER_ID_LEN);
+        id.copy_from_slice(&self.id);
+        let (epoch, n) = rest.split_at_mut(4);
+        epoch.copy_from_slice(&self.epoch.to_le_bytes());
+        n.copy_from_slice(&sector.to_le_bytes());
+        aad
+    }
+
+    /// Seal the plaintext already in `slot[NONCE..NONCE + 4096]` as physical
+    /// sector `sector`, with `nonce`.
+    fn seal(&self, sector: u64, nonce: &[u8], slot: &mut [u8]) -> io::Result<()> {
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("nonce length");
+        let (head, rest) = slot.split_at_mut(NONCE_LEN);
+        let (body, tag_out) = rest.split_at_mut(SECTOR_SIZE);
+        head.copy_from_slice(&nonce);
+        let tag = self
+            .cipher
+            .seal_in_place(&nonce, &self.aad(sector), body)
+            .map_err(io::Error::other)?;
+        tag_out.copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Open a sealed sector in place; on success its plaintext is
+    /// `slot[NONCE..NONCE + 4096]`. On failure that range is zeros.
+    fn open(&self, sector: u64, slot: &mut [u8]) -> bool {
+        let (head, rest) = slot.split_at_mut(NONCE_LEN);
+        let (body, tag) = rest.split_at_mut(SECTOR_SIZE);
+        let nonce: [u8; NONCE_LEN] = (&*head).try_into().expect("nonce length");
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("tag length");
+        self.cipher
+            .open_in_place(&nonce, &self.aad(sector), body, &tag)
+            .is_ok()
+    }
+
+    fn note_damage(&self, sector: u64) {
+        self.damaged_reads.fetch_add(1, Ordering::AcqRel);
+        let first_time = self
+            .damaged_sectors
+            .lock()
+            .map(|mut s| s.insert(sector))
+            .unwrap_or(false);
+        if first_time {
+            tracing::warn!(
+                sector,
+                "a sector of the container failed authentication (damaged or tampered); \
+                 reads of it return an I/O error"
+            );
+        }
+    }
+
+    // ------------------------------------------------------ reading ----
+
+    /// Read physical sectors `first..first + count` (all below the extent).
+    fn read_sealed(&self, first: u64, count: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; count as usize * SEALED_SECTOR_SIZE];
+        self.file
+            .read_exact_at(&mut buf, sector_offset(first))
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{} is shorter than its header says (sector {first} is missing); \
+                             it was truncated",
+                            self.path.display()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        Ok(buf)
+    }
+
+    /// Both copies of page 0 that lie below the extent, opened: the newest
+    /// authentic one, and its plaintext (zeros if none authenticates).
+    fn read_page0_copies(&self, extent: u64) -> io::Result<(Option<Page0Copy>, Vec<u8>)> {
+        let present = extent.min(2);
+        let mut plain = vec![0u8; SECTOR_SIZE];
+        if present == 0 {
+            return Ok((None, plain));
+        }
+        let mut buf = self.read_sealed(0, present)?;
+        let mut best: Option<Page0Copy> = None;
+        for (i, slot) in buf.chunks_mut(SEALED_SECTOR_SIZE).enumerate() {
+            let sector = i as u64;
+            if !self.open(sector, slot) {
+                continue;
+            }
+            let body = &slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE];
+            let generation =
+                u64::from_le_bytes(body[PAGE0_GENERATION_OFFSET..].try_into().expect("8 bytes"));
+            if best.is_none_or(|b| generation > b.generation) {
+                best = Some(Page0Copy { sector, generation });
+                plain.copy_from_slice(body);
+            }
+        }
+        buf.zeroize();
+        plain[PAGE0_GENERATION_OFFSET..].fill(0);
+        Ok((best, plain))
+    }
+
+    /// At open: which copy of page 0 is newest.
+    fn find_page0(&self) -> io::Result<()> {
+        let mut live = self.live_write()?;
+        let (best, mut plain) = self.read_page0_copies(live.extent)?;
+        plain.zeroize();
+        if let Some(copy) = best {
+            live.page0_newest = Some(copy.sector);
+            live.page0_generation = copy.generation;
+        }
+        Ok(())
+    }
+
+    /// Whether redb page `page` has been written (is below the extent).
+    fn present(live: &Live, page: u64) -> bool {
+        if page == 0 {
+            live.extent > 0
+        } else {
+            page + 1 < live.extent
+        }
+    }
+
+    /// Fill `out` (whole pages, starting at redb page `first`) with
+    /// plaintext: from the cache, as zeros beyond the extent, else from the
+    /// file. A sector failing authentication reads as zeros and is counted.
+    fn load_pages(&self, live: &Live, first: u64, out: &mut [u8]) -> io::Result<()> {
+        let mut misses = Vec::new();
+        {
+            let mut cache = self.cache()?;
+            for (i, dst) in out.chunks_mut(SECTOR_SIZE).enumerate() {
+                let page = first + i as u64;
+                if !Self::present(live, page) {
+                    dst.fill(0);
+                } else if !cache.get(page, dst) {
+                    misses.push(page);
+                }
+            }
+        }
+        let mut at = 0;
+        while at < misses.len() {
+            // A run of consecutive pages, up to one I/O chunk.
+            let start = misses[at];
+            let mut end = at + 1;
+            while end < misses.len()
+                && misses[end] == misses[end - 1] + 1
+                && (end - at) < IO_CHUNK_SECTORS as usize
+                && start != 0
+            {
+                end += 1;
+            }
+            let dst_at = (start - first) as usize * SECTOR_SIZE;
+            let dst = &mut out[dst_at..dst_at + (end - at) * SECTOR_SIZE];
+            if start == 0 {
+                self.load_page0(live, dst)?;
+            } else {
+                self.load_run(start, dst)?;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn load_page0(&self, live: &Live, dst: &mut [u8]) -> io::Result<()> {
+        let (best, mut plain) = self.read_page0_copies(live.extent)?;
+        dst.copy_from_slice(&plain);
+        match (best, live.page0_newest) {
+            // The copy this session wrote (or found newest at open) no
+            // longer authenticates: damage since, not a torn write.
+            (Some(b), Some(newest)) if b.sector != newest => self.note_damage(newest),
+            (Some(_), _) => self.cache()?.insert(0, &plain),
+            (None, newest) => self.note_damage(newest.unwrap_or(0)),
+        }
+        plain.zeroize();
+        Ok(())
+    }
+
+    /// Read and open the pages `first..` filling `dst`, which are all below
+    /// the extent and not cached.
+    fn load_run(&self, first: u64, dst: &mut [u8]) -> io::Result<()> {
+        let count = (dst.len() / SECTOR_SIZE) as u64;
+        let mut buf = self.read_sealed(first + 1, count)?;
+        // Decrypt outside the cache lock, so parallel readers decrypt in parallel.
+        let mut authentic = vec![false; count as usize];
+        for (i, (slot, out)) in buf
+            .chunks_mut(SEALED_SECTOR_SIZE)
+            .zip(dst.chunks_mut(SECTOR_SIZE))
+            .enumerate()
+        {
+            let page = first + i as u64;
+            if self.open(page + 1, slot) {
+                out.copy_from_slice(&slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE]);
+                authentic[i] = true;
+            } else {
+                out.fill(0);
+                self.note_damage(page + 1);
+            }
+        }
+        buf.zeroize();
+        let mut cache = self.cache()?;
+        for (i, out) in dst.chunks(SECTOR_SIZE).enumerate() {
+            if authentic[i] {
+                cache.insert(first + i as u64, out);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_impl(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let live = self.live_read()?;
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&end| end <= live.store_len)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read beyond the end of the sector store",
+                )
+            })?;
+        let first = offset / S;
+        let pages = end.div_ceil(S) - first;
+        if offset.is_multiple_of(S) && out.len() as u64 == pages * S {
+            return self.load_pages(&live, first, out);
+        }
+        // An unaligned read (redb's header): go through a page buffer.
+        let mut buf = vec![0u8; (pages * S) as usize];
+        let result = self.load_pages(&live, first, &mut buf);
+        let at = (offset - first * S) as usize;
+        out.copy_from_slice(&buf[at..at + out.len()]);
+        buf.zeroize();
+        result
+    }
+
+    // ------------------------------------------------------ writing ----
+
+    fn write_impl(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= MAX_STORE_LEN)
+            .ok_or_else(|| errno(libc::EFBIG))?;
+        let mut live = self.live_write()?;
+        self.write_locked(&mut live, offset, data, end)
+    }
+
+    /// Refuse a write into page 0's generation bytes. redb's header is 320
+    /// bytes and the rest of its page 0 stays zero, so only zeros there are
+    /// accepted (they are what a read returns).
+    fn check_page0_tail(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let tail = PAGE0_GENERATION_OFFSET as u64..S;
+        let start = offset.max(tail.start);
+        let end = (offset + data.len() as u64).min(tail.end);
+        if start >= end {
+            return Ok(());
+        }
+        #[cfg(test)]
+        self.page0_tail_writes.fetch_add(1, Ordering::AcqRel);
+        let touched = &data[(start - offset) as usize..(end - offset) as usize];
+        if touched.iter().any(|&b| b != 0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write into bytes 4088..4096 of page 0, which the container reserves",
+            ));
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, live: &mut Live, offset: u64, data: &[u8], end: u64) -> io::Result<()> {
+        let first = offset / S;
+        let last = (end - 1) / S;
+        if let Some(cap) = self.capacity
+            && last + 2 > cap
+        {
+            return Err(errno(libc::ENOSPC));
+        }
+        if first == 0 {
+            self.check_page0_tail(offset, data)?;
+        }
+        let count = (last - first + 1) as usize;
+        let mut plain = vec![0u8; count * SECTOR_SIZE];
+        let result = self.fill_and_write(live, first, offset, data, &mut plain);
+        plain.zeroize();
+        if result.is_err() {
+            // The file may hold the new data, the old or a torn sector:
+            // forget what the cache believes.
+            if let Ok(mut cache) = self.cache() {
+                for page in first..=last {
+                    cache.remove(page);
+                }
+            }
+        }
+        result?;
+        live.store_len = live.store_len.max(end);
+        Ok(())
+    }
+
+    /// Build the plaintext of the pages a write touches (read–modify–write
+    /// at the edges), seal them and any gap below the new extent, write,
+    /// then update the cache and `live`.
+    fn fill_and_write(
+        &self,
+        live: &mut Live,
+        first: u64,
+        offset: u64,
+        data: &[u8],
+        plain: &mut [u8],
+    ) -> io::Result<()> {
+        let count = (plain.len() / SECTOR_SIZE) as u64;
+        let last = first + count - 1;
+        let end = offset + data.len() as u64;
+        if !offset.is_multiple_of(S) || (count == 1 && !end.is_multiple_of(S)) {
+            self.load_pages(live, first, &mut plain[..SECTOR_SIZE])?;
+        }
+        if count > 1 && !end.is_multiple_of(S) {
+            let at = (count as usize - 1) * SECTOR_SIZE;
+            self.load_pages(live, last, &mut plain[at..])?;
+        }
+        let at = (offset - first * S) as usize;
+        plain[at..at + data.len()].copy_from_slice(data);
+
+        // Page 0 goes to the older copy of its shadow pair, one generation up.
+        let page0 = (first == 0).then(|| {
+            let target = match live.page0_newest {
+                Some(newest) => 1 - newest,
+                None => 0,
+            };
+            (target, live.page0_generation + 1)
+        });
+        if let Some((_, generation)) = page0 {
+            plain[PAGE0_GENERATION_OFFSET..SECTOR_SIZE].copy_from_slice(&generation.to_le_bytes());
+        }
+
+        // Physical sectors to seal, in file order: the pages, and every
+        // never-written sector below the new extent (sealed zeros, so the
+        // data area has no holes and reads of them authenticate).
+        let mut sectors: Vec<(u64, Source)> = (0..count as usize)
+            .map(|i| {
+                let page = first + i as u64;
+                let sector = match (page, page0) {
+                    (0, Some((target, _))) => target,
+                    _ => page + 1,
+                };
+                (sector, Source::Page(i))
+            })
+            .collect();
+        let new_extent = live.extent.max(last + 2);
+        // The pages occupy sectors max(first, 1) + 1 ..= last + 1, plus
+        // page 0's target.
+        let written = |s: u64| {
+            (s > first.max(1) && s <= last + 1) || page0.is_some_and(|(target, _)| s == target)
+        };
+        sectors.extend(
+            (live.extent..new_extent)
+                .filter(|&s| !written(s))
+                .map(|s| (s, Source::Zero)),
+        );
+        sectors.sort_unstable_by_key(|&(s, _)| s);
+
+        self.reserve_seals(live, sectors.len() as u64)?;
+        self.seal_and_write(&sectors, plain)?;
+
+        let mut cache = self.cache()?;
+        for (i, page) in plain.chunks_mut(SECTOR_SIZE).enumerate() {
+            if first == 0 && i == 0 {
+                page[PAGE0_GENERATION_OFFSET..].fill(0);
+            }
+            cache.insert(first + i as u64, page);
+        }
+        drop(cache);
+        if let Some((target, generation)) = page0 {
+            live.page0_newest = Some(target);
+            live.page0_generation = generation;
+        }
+        live.extent = new_extent;
+        Ok(())
+    }
+
+    /// Seal `sectors` (sorted) and write each run of consecutive ones with
+    /// one `pwrite`.
+    fn seal_and_write(&self, sectors: &[(u64, Source)], plain: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < sectors.len() {
+            let mut end = at + 1;
+            while end < sectors.len()
+                && sectors[end].0 == sectors[end - 1].0 + 1
+                && end - at < IO_CHUNK_SECTORS as usize
+            {
+                end += 1;
+            }
+            let run = &sectors[at..end];
+            let mut buf = vec![0u8; run.len() * SEALED_SECTOR_SIZE];
+            let mut nonces = vec![0u8; run.len() * NONCE_LEN];
+            fill_random(&mut nonces).map_err(io::Error::other)?;
+            let sealed = run
+                .iter()
+                .zip(buf.chunks_mut(SEALED_SECTOR_SIZE))
+                .zip(nonces.chunks(NONCE_LEN))
+                .try_for_each(|((&(sector, source), slot), nonce)| {
+                    if let Source::Page(i) = source {
+                        slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE]
+                            .copy_from_slice(&plain[i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE]);
+                    }
+                    self.seal(sector, nonce, slot)
+                });
+            if let Err(e) = sealed {
+                buf.zeroize();
+                return Err(e);
+            }
+            self.file.write_all_at(&buf, sector_offset(run[0].0))?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Count `n` seals against the budget, raising the reserve in the header
+    /// (durably) before they are spent. Past the limit, refuse.
+    fn reserve_seals(&self, live: &mut Live, n: u64) -> io::Result<()> {
+        let needed = live.seals + n;
+        if needed > SEAL_LIMIT {
+            return Err(io::Error::other(ContainerError::SealBudget {
+                path: self.path.clone(),
+                seals: live.seals,
+            }));
+        }
+        if needed > live.reserve {
+            let reserve = needed.div_ceil(SEAL_RESERVE_STEP) * SEAL_RESERVE_STEP;
+            let mut meta = self.meta()?;
+            let old = meta.header.seal_reserve;
+            meta.header.seal_reserve = reserve.min(SEAL_LIMIT);
+            if let Err(e) = meta.write(&self.file) {
+                meta.header.seal_reserve = old;
+                return Err(e);
+            }
+            live.reserve = meta.header.seal_reserve;
+        }
+        live.seals = needed;
+        Ok(())
+    }
+
+    // ------------------------------------------ length and durability ----
+
+    fn set_len_impl(&self, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if len > MAX_STORE_LEN {
+            return Err(errno(libc::EFBIG));
+        }
+        let mut live = self.live_write()?;
+        if len >= live.store_len {
+            // Growth: the new bytes are beyond the extent, so they read as
+            // zeros. Nothing physical happens until they are written.
+            live.store_len = len;
+            return Ok(());
+        }
+        // A shrink to mid-page: zero the rest of that page, so that growing
+        // again reads zeros there (redb only uses whole pages; be exact anyway).
+        let page_end = len.div_ceil(S) * S;
+        if !len.is_multiple_of(S) && Self::present(&live, len / S) {
+            let zeros = vec![0u8; (page_end.min(live.store_len) - len) as usize];
+            let end = len + zeros.len() as u64;
+            self.write_locked(&mut live, len, &zeros, end)?;
+        }
+        live.store_len = len;
+        live.extent = live.extent.min(sectors_for_len(len));
+        if live.extent == 0 {
+            live.page0_newest = None;
+        }
+        self.cache()?.remove_from(len.div_ceil(S));
+        if self.capacity.is_none() {
+            self.truncate_file(&live)?;
+        }
+        Ok(())
+    }
+
+    /// Give back the file space beyond the extent of a growing container:
+    /// first make the smaller length and extent durable in the header, then
+    /// truncate, so a crash in between never leaves a header that promises
+    /// more file than there is.
+    fn truncate_file(&self, live: &Live) -> io::Result<()> {
+        let needed = file_len_for_sectors(live.extent);
+        if self.file.metadata()?.len() <= needed {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.record_len_and_extent(live)?;
+        self.file.set_len(needed)
+    }
+
+    /// Write the live length and extent into the header if they changed.
+    /// The caller has made the sectors below the extent durable.
+    fn record_len_and_extent(&self, live: &Live) -> io::Result<()> {
+        let mut meta = self.meta()?;
+        let old = (meta.header.store_len, meta.header.extent);
+        if old == (live.store_len, live.extent) {
+            return Ok(());
+        }
+        meta.header.store_len = live.store_len;
+        meta.header.extent = live.extent;
+        meta.write(&self.file).inspect_err(|_| {
+            (meta.header.store_len, meta.header.extent) = old;
+        })
+    }
+
+    /// fdatasync the sectors, then record the length and extent that cover
+    /// them. redb calls this before it writes a commit's header, so a
+    /// durable commit never references a page beyond the durable extent.
+    fn sync_impl(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let live = self.live_read()?;
+        self.file.sync_data()?;
+        self.record_len_and_extent(&live)
+    }
+
+    /// Sync, then lower the header's seal reserve to the seals actually
+    /// counted, so a clean close wastes none of the budget. The store stays
+    /// usable (a later write reserves again).
+    fn close_impl(&self) -> io::Result<()> {
+        if self.read_only || self.abandoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.sync_impl()?;
+        let mut live = self.live_write()?;
+        if live.reserve > live.seals {
+            let mut meta = self.meta()?;
+            let old = meta.header.seal_reserve;
+            meta.header.seal_reserve = live.seals;
+            if let Err(e) = meta.write(&self.file) {
+                meta.header.seal_reserve = old;
+                return Err(e);
+            }
+            live.reserve = live.seals;
+        }
+        Ok(())
+    }
+
+    /// Rewrite the header now (at unlock, when one copy is damaged or failed
+    /// its MAC), so both copies are intact again.
+    pub(crate) fn repair_header(&self) -> Result<(), ContainerError> {
+        let mut meta = self
+            .meta()
+            .map_err(|e| ContainerError::io(&self.path, "repair the header of", e))?;
+        meta.write(&self.file)
+            .map_err(|e| ContainerError::io(&self.path, "repair the header of", e))
+    }
+
+    /// Simulate a crash: from now on nothing more is written on close/drop.
+    #[cfg(test)]
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn page0_tail_writes(&self) -> u64 {
+        self.page0_tail_writes.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn page0_newest(&self) -> Option<u64> {
+        self.live.read().unwrap().page0_newest
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_seals(&self, seals: u64) {
+        self.live.write().unwrap().seals = seals;
+    }
+}
+
+/// The cache size actually used: what was asked for, but never more than
+/// half the locked-memory limit of an unprivileged process, so that keys
+/// and other secrets can still be locked after the cache has filled.
+fn cache_limit(requested: usize) -> usize {
+    // SAFETY: getrlimit/geteuid only write the struct we pass / read ids.
+    let (limit, root) = unsafe {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let ok = libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) == 0;
+        (ok.then_some(rl.rlim_cur), libc::geteuid() == 0)
+    };
+    match limit {
+        _ if root => requested,
+        Some(libc::RLIM_INFINITY) => requested,
+        Some(cur) => requested.min(usize::try_from(cur / 2).unwrap_or(usize::MAX)),
+        None => requested,
+    }
+}
+
+impl redb::StorageBackend for SectorStore {
+    fn len(&self) -> Result<u64, io::Error> {
+        Ok(self.live_read()?.store_len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.read_impl(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.set_len_impl(len)
+    }
+
+    fn sync_data(&self) -> Result<(), io::Error> {
+        self.sync_impl()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.write_impl(offset, data)
+    }
+
+    fn close(&self) -> Result<(), io::Error> {
+        self.close_impl()
+    }
+}
+
+impl Drop for SectorStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_impl() {
+            tracing::error!(
+                container = %self.path.display(),
+                "closing the sector store failed: {e}"
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for SectorStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SectorStore")
+            .field("path", &self.path)
+            .field("id", &hex::encode(self.id))
+            .field("read_only", &self.read_only)
+            .field("capacity", &self.capacity())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,315 @@
+//! File data: open handles, read, write, truncate, fallocate.
+//!
+//! A file's bytes live in chunks of CHUNK_SIZE bytes, key (ino, index). A missing chunk is a
+//! hole; a chunk shorter than CHUNK_SIZE reads as zeros past its end. No chunk extends past the
+//! file size: truncation trims the last one, so a later extension reads zeros.
+
+use zeroize::Zeroizing;
+
+use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
+use super::node::get;
+use super::schema::{Attr, CHUNK_PAGE, CHUNK_SIZE, FileKind, MAX_FILE_SIZE, Timespec};
+use super::store::Txn;
+use super::{Fs, FsError, FsResult, Mode};
+
+const C: u64 = CHUNK_SIZE;
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn regular(a: &Attr) -> FsResult<()> {
+    match a.kind {
+        FileKind::File => Ok(()),
+        FileKind::Dir => Err(FsError::IsDir),
+        _ => Err(FsError::Invalid),
+    }
+}
+
+impl Fs {
+    /// Records an open handle on `ino` (an unlinked file lives until its last handle closes).
+    pub fn open_file(&mut self, ino: u64) -> FsResult<u64> {
+        self.run(Mode::Read, |_, tx| get(tx, ino).map(|_| ()))?;
+        *self.open_files.entry(ino).or_insert(0) += 1;
+        Ok(self.next_fh())
+    }
+
+    /// Records that a handle from [`Fs::open_file`] (or [`Fs::create_file`]'s) was closed; frees the inode
+    /// if it was the last handle on an unlinked file.
+    pub fn release_file(&mut self, ino: u64) -> FsResult<()> {
+        match self.open_files.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Ok(());
+            }
+            Some(_) => {
+                self.open_files.remove(&ino);
+            }
+            None => return Ok(()),
+        }
+        if self.read_only || self.damaged {
+            return Ok(());
+        }
+        let orphan = self.run(Mode::Read, |_, tx| {
+            Ok(tx.attr(ino)?.is_some_and(|a| a.nlink == 0))
+        })?;
+        if orphan {
+            self.run(Mode::Write, |fs, tx| {
+                fs.probe_purge(tx, ino)?;
+                fs.purge(tx, ino)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Number of open handles on `ino`.
+    pub fn open_count(&self, ino: u64) -> u32 {
+        self.open_files.get(&ino).copied().unwrap_or(0)
+    }
+
+    /// Creates and opens a regular file; returns its attributes and a handle.
+    pub fn create_file(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        caller: super::Caller,
+    ) -> FsResult<(Attr, u64)> {
+        let a = self.mknod(parent, name, (mode & 0o7777) | libc::S_IFREG, 0, caller)?;
+        *self.open_files.entry(a.ino).or_insert(0) += 1;
+        Ok((a, self.next_fh()))
+    }
+
+    /// Reads up to `size` bytes at `offset` (short only at end of file).
+    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<Zeroizing<Vec<u8>>> {
+        self.run(Mode::Read, |_, tx| {
+            let a = get(tx, ino)?;
+            regular(&a)?;
+            if offset >= a.size || size == 0 {
+                return Ok(Zeroizing::new(Vec::new()));
+            }
+            let end = a.size.min(offset.saturating_add(u64::from(size)));
+            let mut buf = Zeroizing::new(vec![0u8; usize_of(end - offset)]);
+            tx.chunks_in(ino, offset / C, (end - 1) / C, |idx, data| {
+                let cs = idx * C;
+                let lo = offset.max(cs);
+                let hi = end.min(cs + data.len() as u64);
+                if lo < hi {
+                    buf[usize_of(lo - offset)..usize_of(hi - offset)]
+                        .copy_from_slice(&data[usize_of(lo - cs)..usize_of(hi - cs)]);
+                }
+            })?;
+            Ok(buf)
+        })
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written (all of them).
+    pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        let (first, last) = (offset / C, (end - 1) / C);
+        self.ensure_space((last - first + 1) * CHUNK_PAGE)?;
+        self.run(Mode::Write, |fs, tx| {
+            let mut a = get(tx, ino)?;
+            regular(&a)?;
+            // Probe: the edge chunks are read for read-modify-write, the others touched.
+            let partial = |idx: u64| offset > idx * C || end < (idx + 1) * C;
+            let head = if partial(first) {
+                tx.chunk(ino, first)?
+            } else {
+                None
+            };
+            let tail = if last != first && partial(last) {
+                tx.chunk(ino, last)?
+            } else {
+                None
+            };
+            for idx in first..=last {
+                if !partial(idx) {
+                    tx.probe_chunk(ino, idx)?;
+                }
+            }
+            for idx in first..=last {
+                let base = match idx {
+                    i if i == first => head.as_ref().map(|v| &v[..]),
+                    i if i == last => tail.as_ref().map(|v| &v[..]),
+                    _ => None,
+                };
+                fs.write_chunk(tx, &mut a, idx, offset, data, base)?;
+            }
+            let now = Timespec::now();
+            a.size = a.size.max(end);
+            a.mtime = now;
+            a.ctime = now;
+            tx.put_attr(&a)?;
+            fs.pending_bytes += (last - first + 1) * CHUNK_PAGE;
+            Ok(data.len())
+        })
+    }
+
+    /// Writes the part of `data` (which starts at file offset `offset`) that falls in chunk
+    /// `idx`, over the chunk's old contents `base`.
+    fn write_chunk(
+        &mut self,
+        tx: &Txn,
+        a: &mut Attr,
+        idx: u64,
+        offset: u64,
+        data: &[u8],
+        base: Option<&[u8]>,
+    ) -> FsResult<()> {
+        let cs = idx * C;
+        let lo = offset.max(cs) - cs;
+        let hi = (offset + data.len() as u64).min(cs + C) - cs;
+        let src = &data[usize_of(cs + lo - offset)..usize_of(cs + hi - offset)];
+        let old = if lo == 0 && hi == C {
+            tx.put_chunk(a.ino, idx, src)?
+        } else {
+            let base = base.unwrap_or(&[]);
+            let mut buf = Zeroizing::new(vec![0u8; base.len().max(usize_of(hi))]);
+            buf[..base.len()].copy_from_slice(base);
+            buf[usize_of(lo)..usize_of(hi)].copy_from_slice(src);
+            tx.put_chunk(a.ino, idx, &buf)?
+        };
+        let new_len = if lo == 0 && hi == C {
+            C
+        } else {
+            base.map_or(0, |b| b.len() as u64).max(hi)
+        };
+        self.account_chunk(a, old, Some(new_len));
+        Ok(())
+    }
+
+    /// Updates the stored-bytes counters after a chunk went from `old` to `new` bytes.
+    fn account_chunk(&mut self, a: &mut Attr, old: Option<u64>, new: Option<u64>) {
+        let (o, n) = (old.unwrap_or(0), new.unwrap_or(0));
+        a.stored = (a.stored + n).saturating_sub(o);
+        self.sb.chunk_bytes = (self.sb.chunk_bytes + n).saturating_sub(o);
+        match (old.is_some(), new.is_some()) {
+            (false, true) => self.sb.chunks += 1,
+            (true, false) => self.sb.chunks = self.sb.chunks.saturating_sub(1),
+            _ => {}
+        }
+    }
+
+    /// Sets the size of a regular file: shrinking removes chunks past the end and trims the
+    /// last one (so a later extension reads zeros); growing leaves a hole. Probes first.
+    pub(crate) fn truncate(&mut self, tx: &Txn, a: &mut Attr, size: u64) -> FsResult<()> {
+        if size < a.size {
+            let keep = size.div_ceil(C);
+            let tail = size % C;
+            let last = if tail != 0 {
+                tx.chunk(a.ino, size / C)?
+            } else {
+                None
+            };
+            tx.chunks_in(a.ino, keep, u64::MAX, |_, _| {})?;
+            let (n, bytes) = tx.del_chunks(a.ino, keep, u64::MAX)?;
+            a.stored = a.stored.saturating_sub(bytes);
+            self.sb.chunks = self.sb.chunks.saturating_sub(n);
+            self.sb.chunk_bytes = self.sb.chunk_bytes.saturating_sub(bytes);
+            if let Some(data) = last.filter(|d| d.len() as u64 > tail) {
+                let old = tx.put_chunk(a.ino, size / C, &data[..usize_of(tail)])?;
+                self.account_chunk(a, old, Some(tail));
+            }
+            self.pending_bytes += 4 * 4096;
+        }
+        a.size = size;
+        Ok(())
+    }
+
+    /// fallocate(2): mode 0 and KEEP_SIZE check space and (mode 0) extend the size — blocks are
+    /// not reserved, holes stay holes; PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE zero the
+    /// range.
+    pub fn fallocate(&mut self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        if len == 0 {
+            return Err(FsError::Invalid);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        let keep = mode & KEEP_SIZE != 0;
+        match mode & !KEEP_SIZE {
+            0 => self.ensure_space(len)?,
+            PUNCH_HOLE if keep => {}
+            ZERO_RANGE => {}
+            _ => return Err(FsError::NotSupported),
+        }
+        self.run(Mode::Write, |fs, tx| {
+            let mut a = get(tx, ino)?;
+            regular(&a)?;
+            let now = Timespec::now();
+            if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
+                fs.punch(tx, &mut a, offset, end)?;
+                a.mtime = now;
+            }
+            if !keep && end > a.size {
+                a.size = end;
+                a.mtime = now;
+            }
+            a.ctime = now;
+            tx.put_attr(&a)?;
+            Ok(())
+        })
+    }
+
+    /// Zeroes bytes `lo..hi` (clipped to the file): whole chunks are removed, edge chunks
+    /// rewritten. Probes first.
+    fn punch(&mut self, tx: &Txn, a: &mut Attr, lo: u64, hi: u64) -> FsResult<()> {
+        let hi = hi.min(a.size);
+        if lo >= hi {
+            return Ok(());
+        }
+        let (first, last) = (lo / C, (hi - 1) / C);
+        let span = |idx: u64| (lo.max(idx * C) - idx * C, hi.min((idx + 1) * C) - idx * C);
+        let partial = |idx: u64| span(idx) != (0, C);
+        let mut edges = Vec::new();
+        if partial(first) {
+            edges.push((first, tx.chunk(a.ino, first)?));
+        }
+        if last != first && partial(last) {
+            edges.push((last, tx.chunk(a.ino, last)?));
+        }
+        tx.chunks_in(a.ino, first, last, |_, _| {})?;
+        let whole_first = first + u64::from(partial(first));
+        let whole_last = if partial(last) {
+            last.checked_sub(1)
+        } else {
+            Some(last)
+        };
+        if let Some(wl) = whole_last.filter(|wl| whole_first <= *wl) {
+            let (n, bytes) = tx.del_chunks(a.ino, whole_first, wl)?;
+            a.stored = a.stored.saturating_sub(bytes);
+            self.sb.chunks = self.sb.chunks.saturating_sub(n);
+            self.sb.chunk_bytes = self.sb.chunk_bytes.saturating_sub(bytes);
+        }
+        for (idx, data) in edges {
+            let Some(mut data) = data else { continue };
+            let (l, h) = span(idx);
+            let (l, h, old_len) = (usize_of(l), usize_of(h), data.len() as u64);
+            if l >= data.len() {
+                continue;
+            }
+            if h >= data.len() {
+                data.truncate(l);
+            } else {
+                data[l..h].fill(0);
+            }
+            if data.is_empty() {
+                tx.del_chunks(a.ino, idx, idx)?;
+                self.account_chunk(a, Some(old_len), None);
+            } else {
+                let old = tx.put_chunk(a.ino, idx, &data)?;
+                self.account_chunk(a, old, Some(data.len() as u64));
+            }
+        }
+        self.pending_bytes += 4 * 4096;
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! A [`Storage`] over a plain file: no encryption; for tests.
+//!
+//! It can inject damage: reads of marked sectors return zeros and count as damaged reads,
+//! exactly as the encrypted store treats a sector that fails authentication.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Storage;
+
+/// Sector size damage is injected in.
+pub const SECTOR: u64 = 4096;
+
+/// A plain file as storage. No encryption; for tests.
+#[derive(Debug)]
+pub struct PlainFileStorage {
+    file: File,
+    path: PathBuf,
+    capacity: Option<u64>,
+    damaged: Mutex<Vec<Range<u64>>>,
+    damaged_reads: AtomicU64,
+}
+
+impl PlainFileStorage {
+    /// Creates (or empties) the file.
+    pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path.as_ref())?;
+        Ok(Self::from_file(file, path.as_ref()))
+    }
+
+    /// Opens an existing file.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.as_ref())?;
+        Ok(Self::from_file(file, path.as_ref()))
+    }
+
+    fn from_file(file: File, path: &Path) -> Self {
+        Self {
+            file,
+            path: path.to_path_buf(),
+            capacity: None,
+            damaged: Mutex::new(Vec::new()),
+            damaged_reads: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the storage fixed-size: it refuses to grow past `capacity` bytes.
+    pub fn with_capacity(mut self, capacity: Option<u64>) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// From now on, reads of the sectors overlapping `offset..offset + len` return zeros there
+    /// and count as damaged.
+    pub fn damage(&self, offset: u64, len: u64) {
+        let start = offset / SECTOR * SECTOR;
+        let end = (offset + len).div_ceil(SECTOR) * SECTOR;
+        self.lock().push(start..end);
+    }
+
+    /// Removes all injected damage.
+    pub fn heal(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
+        self.damaged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn apply_damage(&self, offset: u64, out: &mut [u8]) {
+        let end = offset + out.len() as u64;
+        for r in self.lock().iter() {
+            let (lo, hi) = (r.start.max(offset), r.end.min(end));
+            if lo < hi {
+                out[(lo - offset) as usize..(hi - offset) as usize].fill(0);
+                let sectors = (hi - lo).div_ceil(SECTOR);
+                self.damaged_reads.fetch_add(sectors, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl redb::StorageBackend for PlainFileStorage {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(out, offset)?;
+        self.apply_damage(offset, out);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+}
+
+impl Storage for PlainFileStorage {
+    fn damaged_reads(&self) -> u64 {
+        self.damaged_reads.load(Ordering::SeqCst)
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        self.capacity
+    }
+
+    fn host_free_bytes(&self) -> io::Result<u64> {
+        // SAFETY: fstatvfs writes into the zeroed struct we own; the fd is open.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+}

@@ -1,0 +1,629 @@
+//! Unit tests of the filesystem model on plain-file storage.
+
+use std::sync::Arc;
+
+use super::testing::PlainFileStorage;
+use super::*;
+
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+struct T {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    storage: Arc<PlainFileStorage>,
+}
+
+impl T {
+    fn new() -> (Self, Fs) {
+        Self::with_capacity(None)
+    }
+
+    fn with_capacity(cap: Option<u64>) -> (Self, Fs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault");
+        let storage = Arc::new(PlainFileStorage::create(&path).unwrap().with_capacity(cap));
+        let fs = Fs::create(storage.clone(), 1000, 1000).unwrap();
+        let t = Self {
+            _dir: dir,
+            path,
+            storage,
+        };
+        (t, fs)
+    }
+
+    fn reopen(&mut self, read_only: bool) -> Fs {
+        let cap = redb_cap(&self.storage);
+        self.storage = Arc::new(
+            PlainFileStorage::open(&self.path)
+                .unwrap()
+                .with_capacity(cap),
+        );
+        Fs::open(self.storage.clone(), read_only).unwrap()
+    }
+}
+
+fn redb_cap(s: &PlainFileStorage) -> Option<u64> {
+    Storage::capacity(s)
+}
+
+fn mkfile(fs: &mut Fs, parent: u64, name: &str, data: &[u8]) -> u64 {
+    let a = fs
+        .mknod(parent, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME)
+        .unwrap();
+    assert_eq!(fs.write(a.ino, 0, data).unwrap(), data.len());
+    a.ino
+}
+
+fn read_all(fs: &mut Fs, ino: u64) -> Vec<u8> {
+    let size = fs.getattr(ino).unwrap().size;
+    fs.read(ino, 0, size as u32).unwrap().to_vec()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn names(fs: &mut Fs, dir: u64) -> Vec<String> {
+    fs.list(dir)
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8(e.name.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn root_and_basic_files() {
+    let (_t, mut fs) = T::new();
+    let root = fs.getattr(ROOT_INO).unwrap();
+    assert_eq!(
+        (root.kind, root.uid, root.gid, root.nlink),
+        (FileKind::Dir, 1000, 1000, 2)
+    );
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    let data = pattern(1, 300_000);
+    let f = mkfile(&mut fs, d.ino, "f", &data);
+    assert_eq!(read_all(&mut fs, f), data);
+    assert_eq!(fs.lookup(d.ino, b"f").unwrap().ino, f);
+    assert_eq!(fs.lookup(d.ino, b"..").unwrap().ino, ROOT_INO);
+    assert!(matches!(fs.lookup(d.ino, b"nope"), Err(FsError::NotFound)));
+    assert!(matches!(
+        fs.mkdir(d.ino, b"f", 0o755, ME),
+        Err(FsError::Exists)
+    ));
+    let long = vec![b'x'; 256];
+    assert!(matches!(
+        fs.mkdir(d.ino, &long, 0o755, ME),
+        Err(FsError::NameTooLong)
+    ));
+    assert!(matches!(fs.lookup(f, b"x"), Err(FsError::NotDir)));
+    assert_eq!(names(&mut fs, d.ino), [".", "..", "f"]);
+    // Inode numbers are never reused.
+    fs.unlink(d.ino, b"f").unwrap();
+    let g = mkfile(&mut fs, d.ino, "g", b"x");
+    assert!(g > f);
+}
+
+#[test]
+fn unaligned_writes_match_a_model() {
+    let (mut t, mut fs) = T::new();
+    let ino = mkfile(&mut fs, ROOT_INO, "m", b"");
+    let mut model = Vec::new();
+    let ops = pattern(7, 4000);
+    for (i, w) in ops.chunks(4).take(600).enumerate() {
+        let off = (u32::from_le_bytes([w[0], w[1], w[2], 0]) % 400_000) as usize;
+        let len = (u16::from_le_bytes([w[3], w[0]]) as usize) % 140_000;
+        match w[1] % 5 {
+            0 => {
+                let size = off / 2;
+                fs.setattr(
+                    ino,
+                    &SetAttr {
+                        size: Some(size as u64),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                model.resize(size, 0);
+            }
+            1 => {
+                let got = fs.read(ino, off as u64, len as u32).unwrap();
+                let end = (off + len).min(model.len());
+                let want = if off < model.len() {
+                    &model[off..end]
+                } else {
+                    &[][..]
+                };
+                assert_eq!(&got[..], want, "op {i}");
+            }
+            _ => {
+                let data = pattern(i as u64, len);
+                fs.write(ino, off as u64, &data).unwrap();
+                if model.len() < off + len {
+                    model.resize(off + len, 0);
+                }
+                model[off..off + len].copy_from_slice(&data);
+            }
+        }
+        if i % 97 == 0 {
+            fs.commit().unwrap();
+        }
+        if i % 251 == 0 {
+            fs.close().unwrap();
+            fs = t.reopen(false);
+        }
+    }
+    assert_eq!(read_all(&mut fs, ino), model);
+    assert_eq!(fs.getattr(ino).unwrap().size, model.len() as u64);
+}
+
+#[test]
+fn sparse_files_and_truncate() {
+    let (_t, mut fs) = T::new();
+    let ino = mkfile(&mut fs, ROOT_INO, "s", b"");
+    fs.write(ino, 10 << 20, b"end").unwrap();
+    let a = fs.getattr(ino).unwrap();
+    assert_eq!(a.size, (10 << 20) + 3);
+    assert!(
+        a.blocks() < 200,
+        "a hole takes no space: {} blocks",
+        a.blocks()
+    );
+    let mid = fs.read(ino, 5 << 20, 4096).unwrap();
+    assert!(mid.iter().all(|&b| b == 0));
+    // Shrinking zeroes the tail: a later extension reads zeros.
+    let f = mkfile(&mut fs, ROOT_INO, "t", &[0xAA; 100_000]);
+    let set = |s| SetAttr {
+        size: Some(s),
+        ..Default::default()
+    };
+    fs.setattr(f, &set(70_000)).unwrap();
+    fs.setattr(f, &set(100_000)).unwrap();
+    let d = read_all(&mut fs, f);
+    assert!(d[..70_000].iter().all(|&b| b == 0xAA));
+    assert!(d[70_000..].iter().all(|&b| b == 0));
+    fs.setattr(f, &set(0)).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().stored, 0);
+    assert!(matches!(fs.setattr(ROOT_INO, &set(0)), Err(FsError::IsDir)));
+}
+
+#[test]
+fn fallocate_modes() {
+    let (_t, mut fs) = T::new();
+    let f = mkfile(&mut fs, ROOT_INO, "f", &[1; 200_000]);
+    fs.fallocate(f, 0, 300_000, 0).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, 300_000);
+    fs.fallocate(f, 0, 400_000, falloc::KEEP_SIZE).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, 300_000);
+    fs.fallocate(f, 1000, 150_000, falloc::PUNCH_HOLE | falloc::KEEP_SIZE)
+        .unwrap();
+    let d = read_all(&mut fs, f);
+    assert!(d[..1000].iter().all(|&b| b == 1));
+    assert!(d[1000..151_000].iter().all(|&b| b == 0));
+    assert!(d[151_000..200_000].iter().all(|&b| b == 1));
+    assert!(d[200_000..].iter().all(|&b| b == 0));
+    fs.fallocate(f, 299_000, 2000, falloc::ZERO_RANGE).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, 301_000);
+    assert!(matches!(
+        fs.fallocate(f, 0, 10, 0x40),
+        Err(FsError::NotSupported)
+    ));
+}
+
+#[test]
+fn renames() {
+    let (_t, mut fs) = T::new();
+    let a = fs.mkdir(ROOT_INO, b"a", 0o755, ME).unwrap().ino;
+    let b = fs.mkdir(ROOT_INO, b"b", 0o755, ME).unwrap().ino;
+    let f1 = mkfile(&mut fs, a, "f1", b"one");
+    let f2 = mkfile(&mut fs, b, "f2", b"two");
+    // File over file across directories.
+    fs.rename(a, b"f1", b, b"f2", 0).unwrap();
+    assert_eq!(fs.lookup(b, b"f2").unwrap().ino, f1);
+    assert!(matches!(fs.getattr(f2), Err(FsError::NotFound)));
+    assert!(matches!(fs.lookup(a, b"f1"), Err(FsError::NotFound)));
+    // Directory moves update link counts and "..".
+    let c = fs.mkdir(a, b"c", 0o755, ME).unwrap().ino;
+    assert_eq!(fs.getattr(a).unwrap().nlink, 3);
+    fs.rename(a, b"c", b, b"c", 0).unwrap();
+    assert_eq!(fs.getattr(a).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(b).unwrap().nlink, 3);
+    assert_eq!(fs.lookup(c, b"..").unwrap().ino, b);
+    // Into its own subtree.
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"b", c, b"x", 0),
+        Err(FsError::Invalid)
+    ));
+    // Kind mismatches and non-empty targets.
+    mkfile(&mut fs, a, "file", b"");
+    fs.mkdir(a, b"empty", 0o755, ME).unwrap();
+    assert!(matches!(
+        fs.rename(a, b"file", a, b"empty", 0),
+        Err(FsError::IsDir)
+    ));
+    assert!(matches!(
+        fs.rename(a, b"empty", b, b"f2", 0),
+        Err(FsError::NotDir)
+    ));
+    assert!(matches!(
+        fs.rename(a, b"empty", ROOT_INO, b"b", 0),
+        Err(FsError::NotEmpty)
+    ));
+    // Directory over empty directory.
+    fs.rename(b, b"c", a, b"empty", 0).unwrap();
+    assert_eq!(fs.getattr(a).unwrap().nlink, 3);
+    assert_eq!(fs.getattr(b).unwrap().nlink, 2);
+    // NOREPLACE and EXCHANGE.
+    assert!(matches!(
+        fs.rename(a, b"file", b, b"f2", rename_flags::NOREPLACE),
+        Err(FsError::Exists)
+    ));
+    fs.rename(a, b"file", b, b"f2", rename_flags::EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.lookup(a, b"file").unwrap().ino, f1);
+    fs.rename(a, b"empty", b, b"f2", rename_flags::EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.lookup(b, b"f2").unwrap().ino, c);
+    assert_eq!(fs.lookup(c, b"..").unwrap().ino, b);
+    assert_eq!(fs.getattr(a).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(b).unwrap().nlink, 3);
+    // Same inode: nothing happens.
+    fs.link(f1, a, b"hard").unwrap();
+    fs.rename(a, b"file", a, b"hard", 0).unwrap();
+    assert_eq!(fs.getattr(f1).unwrap().nlink, 2);
+}
+
+#[test]
+fn links_and_unlink_while_open() {
+    let (mut t, mut fs) = T::new();
+    let f = mkfile(&mut fs, ROOT_INO, "f", b"hello");
+    fs.link(f, ROOT_INO, b"g").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().nlink, 2);
+    assert!(matches!(
+        fs.link(ROOT_INO, ROOT_INO, b"x"),
+        Err(FsError::Perm)
+    ));
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(read_all(&mut fs, f), b"hello");
+    fs.open_file(f).unwrap();
+    fs.unlink(ROOT_INO, b"g").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().nlink, 0);
+    fs.write(f, 5, b" world").unwrap();
+    assert_eq!(read_all(&mut fs, f), b"hello world");
+    fs.release_file(f).unwrap();
+    assert!(matches!(fs.getattr(f), Err(FsError::NotFound)));
+
+    // An orphan left by a crash is purged at the next open.
+    let h = mkfile(&mut fs, ROOT_INO, "h", &[5; 100_000]);
+    fs.open_file(h).unwrap();
+    fs.unlink(ROOT_INO, b"h").unwrap();
+    fs.commit().unwrap();
+    drop(fs);
+    let mut fs = t.reopen(false);
+    assert!(matches!(fs.getattr(h), Err(FsError::NotFound)));
+    assert_eq!(fs.statfs().files - fs.statfs().ffree, 1);
+}
+
+#[test]
+fn xattrs() {
+    let (_t, mut fs) = T::new();
+    let f = mkfile(&mut fs, ROOT_INO, "f", b"");
+    fs.setxattr(f, b"user.a", b"1", 0).unwrap();
+    assert!(matches!(
+        fs.setxattr(f, b"user.a", b"2", xattr_flags::CREATE),
+        Err(FsError::Exists)
+    ));
+    assert!(matches!(
+        fs.setxattr(f, b"user.b", b"2", xattr_flags::REPLACE),
+        Err(FsError::NoData)
+    ));
+    fs.setxattr(f, b"user.a", b"22", xattr_flags::REPLACE)
+        .unwrap();
+    fs.setxattr(f, b"user.b", &[7; 65536], 0).unwrap();
+    assert_eq!(&fs.getxattr(f, b"user.a").unwrap()[..], b"22");
+    assert_eq!(fs.getxattr(f, b"user.b").unwrap().len(), 65536);
+    assert_eq!(&fs.listxattr(f).unwrap()[..], b"user.a\0user.b\0");
+    fs.removexattr(f, b"user.a").unwrap();
+    assert!(matches!(fs.getxattr(f, b"user.a"), Err(FsError::NoData)));
+    assert!(matches!(fs.removexattr(f, b"user.a"), Err(FsError::NoData)));
+    assert!(matches!(
+        fs.setxattr(f, b"user.c", &[0; 65537], 0),
+        Err(FsError::TooLong)
+    ));
+    assert!(matches!(
+        fs.setxattr(f, &[b'u'; 256], b"", 0),
+        Err(FsError::Range)
+    ));
+    assert!(matches!(
+        fs.setxattr(f, b"system.posix_acl_access", b"", 0),
+        Err(FsError::NotSupported)
+    ));
+    fs.unlink(ROOT_INO, b"f").unwrap();
+}
+
+#[test]
+fn setattr_times_and_modes() {
+    let (_t, mut fs) = T::new();
+    let f = mkfile(&mut fs, ROOT_INO, "f", b"x");
+    let t0 = Timespec {
+        sec: 1_000_000,
+        nsec: 5,
+    };
+    let a = fs
+        .setattr(
+            f,
+            &SetAttr {
+                atime: Some(SetTime::At(t0)),
+                mtime: Some(SetTime::At(t0)),
+                mode: Some(0o4755),
+                uid: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((a.atime, a.mtime, a.perm, a.uid), (t0, t0, 0o4755, 7));
+    assert!(a.ctime > t0);
+    // setgid directories pass their group on, and directories inherit the bit.
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap().ino;
+    fs.setattr(
+        d,
+        &SetAttr {
+            mode: Some(0o2775),
+            gid: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sub = fs.mkdir(d, b"sub", 0o755, ME).unwrap();
+    assert_eq!((sub.gid, sub.perm & 0o2000), (50, 0o2000));
+    let file = fs.mknod(d, b"f", libc::S_IFREG | 0o644, 0, ME).unwrap();
+    assert_eq!((file.gid, file.perm), (50, 0o644));
+    let dev = fs
+        .mknod(d, b"dev", libc::S_IFCHR | 0o600, 0x0102, ME)
+        .unwrap();
+    assert_eq!((dev.kind, dev.rdev), (FileKind::CharDev, 0x0102));
+    let l = fs.symlink(d, b"l", b"/some/where", ME).unwrap();
+    assert_eq!(&fs.readlink(l.ino).unwrap()[..], b"/some/where");
+    assert_eq!(l.size, 11);
+}
+
+#[test]
+fn rmdir_and_readdir_snapshot() {
+    let (_t, mut fs) = T::new();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap().ino;
+    for i in 0..50 {
+        mkfile(&mut fs, d, &format!("f{i:02}"), b"");
+    }
+    assert!(matches!(fs.rmdir(ROOT_INO, b"d"), Err(FsError::NotEmpty)));
+    // rm -rf style: list a few, unlink them, continue from the offset.
+    let fh = fs.opendir(d).unwrap();
+    let mut offset = 0;
+    let mut seen = 0;
+    loop {
+        let batch: Vec<Vec<u8>> = fs
+            .readdir(fh, offset)
+            .unwrap()
+            .iter()
+            .take(7)
+            .map(|e| e.name.clone())
+            .collect();
+        if batch.is_empty() {
+            break;
+        }
+        offset += batch.len() as u64;
+        for n in batch {
+            if n != b"." && n != b".." {
+                fs.unlink(d, &n).unwrap();
+                seen += 1;
+            }
+        }
+    }
+    fs.releasedir(fh);
+    assert_eq!(seen, 50);
+    fs.rmdir(ROOT_INO, b"d").unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 2);
+    assert!(matches!(fs.getattr(d), Err(FsError::NotFound)));
+}
+
+#[test]
+fn persistence_and_crash() {
+    let (mut t, mut fs) = T::new();
+    let data = pattern(3, 1 << 20);
+    let f = mkfile(&mut fs, ROOT_INO, "kept", &data);
+    fs.setxattr(f, b"user.k", b"v", 0).unwrap();
+    fs.close().unwrap();
+    let mut fs = t.reopen(false);
+    assert_eq!(read_all(&mut fs, f), data);
+    assert_eq!(&fs.getxattr(f, b"user.k").unwrap()[..], b"v");
+    // Changes after the last commit vanish in a crash; committed ones stay.
+    mkfile(&mut fs, ROOT_INO, "committed", b"c");
+    fs.commit().unwrap();
+    mkfile(&mut fs, ROOT_INO, "lost", b"l");
+    fs.write(f, 0, b"XXXX").unwrap();
+    drop(fs);
+    let mut fs = t.reopen(false);
+    assert!(fs.lookup(ROOT_INO, b"committed").is_ok());
+    assert!(matches!(
+        fs.lookup(ROOT_INO, b"lost"),
+        Err(FsError::NotFound)
+    ));
+    assert_eq!(read_all(&mut fs, f), data);
+    // The inode counter does not go back to a number a lost file had, once committed.
+    let n = mkfile(&mut fs, ROOT_INO, "new", b"");
+    assert!(n > f);
+    fs.close().unwrap();
+    // Read-only opens read and refuse changes.
+    let mut fs = t.reopen(true);
+    assert_eq!(read_all(&mut fs, f), data);
+    assert!(matches!(
+        fs.mkdir(ROOT_INO, b"x", 0o755, ME),
+        Err(FsError::ReadOnly)
+    ));
+    fs.close().unwrap();
+}
+
+#[test]
+fn commit_timer_policy() {
+    let (_t, mut fs) = T::new();
+    assert!(!fs.is_dirty());
+    mkfile(&mut fs, ROOT_INO, "f", b"x");
+    assert!(fs.is_dirty());
+    fs.commit_if_dirty_older_than(std::time::Duration::from_secs(3600))
+        .unwrap();
+    assert!(fs.is_dirty());
+    fs.commit_if_dirty_older_than(std::time::Duration::ZERO)
+        .unwrap();
+    assert!(!fs.is_dirty());
+    // Reads do not dirty.
+    fs.getattr(ROOT_INO).unwrap();
+    assert!(!fs.is_dirty());
+}
+
+/// Where `needle` sits in the container file.
+fn find(path: &std::path::Path, needle: &[u8]) -> u64 {
+    let hay = std::fs::read(path).unwrap();
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("pattern in container") as u64
+}
+
+/// Whether redb reads every page when it opens (it does with debug assertions, which then
+/// caches a damaged page at open: the fs must fail everything rather than trust that cache).
+const REDB_WALKS_AT_OPEN: bool = cfg!(debug_assertions);
+
+fn is_eio<T: std::fmt::Debug>(r: &FsResult<T>) -> bool {
+    matches!(r, Err(e) if e.errno() == libc::EIO)
+}
+
+#[test]
+fn damage_fails_that_file_only() {
+    let (mut t, mut fs) = T::new();
+    let a_data = pattern(11, 200_000);
+    let b_data = pattern(12, 200_000);
+    let a = mkfile(&mut fs, ROOT_INO, "a", &a_data);
+    let b = mkfile(&mut fs, ROOT_INO, "b", &b_data);
+    let small = mkfile(&mut fs, ROOT_INO, "small", b"small file");
+    fs.close().unwrap();
+    let off = find(&t.path, &a_data[70_000..70_064]);
+    let mut fs = t.reopen(false);
+    t.storage.damage(off, 1);
+    fs.drop_caches().unwrap();
+    for _ in 0..3 {
+        assert!(is_eio(&fs.read(a, 0, 200_000)));
+        // Other files, and the same file's undamaged pages, read fine — never wrong bytes.
+        for (ino, want) in [
+            (b, &b_data[..]),
+            (small, b"small file"),
+            (a, &a_data[..1000]),
+        ] {
+            match fs.read(ino, 0, want.len() as u32) {
+                Ok(got) => assert_eq!(&got[..], want),
+                Err(e) => assert!(REDB_WALKS_AT_OPEN && e.errno() == libc::EIO, "{e:?}"),
+            }
+        }
+    }
+    // Writing into the damaged chunk is refused before anything changes...
+    assert!(is_eio(&fs.write(a, 70_000, b"zz")));
+    assert!(!fs.is_damaged());
+    if !REDB_WALKS_AT_OPEN {
+        // ...and the rest of the vault stays writable.
+        fs.write(b, 0, b"still writable").unwrap();
+        fs.commit().unwrap();
+        assert_eq!(&fs.read(b, 0, 14).unwrap()[..], b"still writable");
+    }
+    // Deleting the damaged file is refused too (its data must be read to be freed).
+    assert!(is_eio(&fs.unlink(ROOT_INO, b"a")));
+    assert!(!fs.is_damaged());
+    fs.close().unwrap();
+    t.storage.heal();
+    let mut fs = t.reopen(false);
+    assert_eq!(read_all(&mut fs, a), a_data);
+}
+
+#[test]
+fn damaged_structure_pages_do_not_panic() {
+    let (mut t, mut fs) = T::new();
+    for i in 0..300 {
+        mkfile(
+            &mut fs,
+            ROOT_INO,
+            &format!("file-with-a-long-name-{i:04}"),
+            &pattern(i, 100),
+        );
+    }
+    fs.close().unwrap();
+    let len = std::fs::metadata(&t.path).unwrap().len();
+    // Damage every page but the header: every access fails, without panics or wrong bytes.
+    let storage = Arc::new(PlainFileStorage::open(&t.path).unwrap());
+    storage.damage(4096, len - 4096);
+    match Fs::open(storage.clone(), false) {
+        Err(e) => assert_eq!(e.errno(), libc::EIO, "{e:?}"),
+        Ok(mut fs) => {
+            for i in 0..300 {
+                let r = fs.lookup(ROOT_INO, format!("file-with-a-long-name-{i:04}").as_bytes());
+                assert!(is_eio(&r), "{r:?}");
+            }
+            assert!(fs.mkdir(ROOT_INO, b"x", 0o755, ME).is_err());
+        }
+    }
+    drop(storage);
+    let mut fs = t.reopen(false);
+    assert!(fs.lookup(ROOT_INO, b"file-with-a-long-name-0007").is_ok());
+}
+
+#[test]
+fn fixed_capacity_gives_enospc_not_failure() {
+    let (mut t, mut fs) = T::with_capacity(Some(24 << 20));
+    let keep = mkfile(&mut fs, ROOT_INO, "keep", b"precious");
+    fs.commit().unwrap();
+    let f = mkfile(&mut fs, ROOT_INO, "big", b"");
+    let chunk = pattern(5, 1 << 20);
+    let mut written = 0u64;
+    let err = loop {
+        match fs.write(f, written, &chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 64 << 20, "capacity not enforced");
+    };
+    assert!(matches!(err, FsError::NoSpace), "{err:?}");
+    // Nothing acknowledged was lost on the way.
+    assert_eq!(fs.getattr(f).unwrap().size, written);
+    let tail = fs.read(f, written - (1 << 20), 1 << 20).unwrap();
+    assert_eq!(&tail[..], &chunk[..]);
+    // Space comes back after a delete.
+    fs.unlink(ROOT_INO, b"big").unwrap();
+    fs.commit().unwrap();
+    let g = mkfile(&mut fs, ROOT_INO, "again", &chunk);
+    assert_eq!(read_all(&mut fs, g), chunk);
+    assert_eq!(read_all(&mut fs, keep), b"precious");
+    fs.close().unwrap();
+    let mut fs = t.reopen(false);
+    assert_eq!(read_all(&mut fs, keep), b"precious");
+}
+
+#[test]
+fn statfs_is_sane() {
+    let (_t, mut fs) = T::new();
+    let before = fs.statfs();
+    mkfile(&mut fs, ROOT_INO, "f", &[1; 1 << 20]);
+    let after = fs.statfs();
+    assert_eq!(after.bsize, 4096);
+    assert_eq!(after.namelen, 255);
+    assert!(after.blocks >= after.bfree);
+    assert_eq!(after.files - after.ffree, 2);
+    assert!(before.files - before.ffree == 1);
+}

@@ -1,0 +1,106 @@
+//! Extended attributes (user., trusted., security.; no ACLs).
+
+use zeroize::Zeroizing;
+
+use super::node::{META_OP_BYTES, get};
+use super::schema::{Timespec, XATTR_NAME_MAX, XATTR_SIZE_MAX};
+use super::xattr_flags::{CREATE, REPLACE};
+use super::{Fs, FsError, FsResult, Mode};
+
+/// Overhead counted per xattr in space estimates.
+const XATTR_META: u64 = 48;
+
+/// A name this filesystem stores: non-empty, at most 255 bytes (ERANGE otherwise, as Linux),
+/// in a namespace it supports. POSIX ACLs (system.posix_acl_*) are not supported.
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+        return Err(FsError::Range);
+    }
+    const SUPPORTED: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+    if SUPPORTED
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
+        Ok(())
+    } else {
+        Err(FsError::NotSupported)
+    }
+}
+
+impl Fs {
+    /// The value of xattr `name` (ENODATA if absent).
+    pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> FsResult<Zeroizing<Vec<u8>>> {
+        if name.is_empty() || name.len() > XATTR_NAME_MAX {
+            return Err(FsError::Range);
+        }
+        self.run(Mode::Read, |_, tx| {
+            get(tx, ino)?;
+            tx.xattr(ino, name)?.ok_or(FsError::NoData)
+        })
+    }
+
+    /// Sets xattr `name`; `flags` may hold XATTR_CREATE (EEXIST if present) or XATTR_REPLACE
+    /// (ENODATA if absent).
+    pub fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        check_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TooLong);
+        }
+        if flags & !(CREATE | REPLACE) != 0 {
+            return Err(FsError::Invalid);
+        }
+        self.ensure_space(META_OP_BYTES + 2 * value.len() as u64)?;
+        self.run(Mode::Write, |fs, tx| {
+            let mut a = get(tx, ino)?;
+            let old = tx.xattr(ino, name)?;
+            if old.is_some() && flags & CREATE != 0 {
+                return Err(FsError::Exists);
+            }
+            if old.is_none() && flags & REPLACE != 0 {
+                return Err(FsError::NoData);
+            }
+            tx.put_xattr(ino, name, value)?;
+            a.ctime = Timespec::now();
+            tx.put_attr(&a)?;
+            let old_bytes = old.map_or(0, |v| v.len() as u64 + name.len() as u64 + XATTR_META);
+            fs.sb.meta_bytes = (fs.sb.meta_bytes + XATTR_META + (name.len() + value.len()) as u64)
+                .saturating_sub(old_bytes);
+            fs.pending_bytes += 2 * 4096 + value.len() as u64;
+            Ok(())
+        })
+    }
+
+    /// The names of all xattrs, each followed by a NUL byte (listxattr's format).
+    pub fn listxattr(&mut self, ino: u64) -> FsResult<Zeroizing<Vec<u8>>> {
+        self.run(Mode::Read, |_, tx| {
+            get(tx, ino)?;
+            let mut out = Zeroizing::new(Vec::new());
+            tx.list_xattrs(ino, |name, _| {
+                out.extend_from_slice(name);
+                out.push(0);
+            })?;
+            Ok(out)
+        })
+    }
+
+    /// Removes xattr `name` (ENODATA if absent).
+    pub fn removexattr(&mut self, ino: u64, name: &[u8]) -> FsResult<()> {
+        if name.is_empty() || name.len() > XATTR_NAME_MAX {
+            return Err(FsError::Range);
+        }
+        self.run(Mode::Write, |fs, tx| {
+            let mut a = get(tx, ino)?;
+            if tx.xattr(ino, name)?.is_none() {
+                return Err(FsError::NoData);
+            }
+            let len = tx.del_xattr(ino, name)?.unwrap_or(0);
+            a.ctime = Timespec::now();
+            tx.put_attr(&a)?;
+            fs.sb.meta_bytes = fs
+                .sb
+                .meta_bytes
+                .saturating_sub(XATTR_META + name.len() as u64 + len);
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,200 @@
+//! `keybound create`: a new container bound to a token and a password, with
+//! an empty filesystem inside.
+//!
+//! The slot is made from the card's public key (an ephemeral ECDH, as at any
+//! enrolment), and then the card itself computes the same secret after its
+//! PIN: the vault is only written once we know the token and the PIN can
+//! open it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::SessionError;
+use crate::container::{
+    Container, CreateOptions, HeaderInfo, NewSlot, NewSlotKind, new_container_id,
+};
+use crate::crypto::{
+    Argon2Params, MasterKey, argon2id, calibrate, key_encryption_key, random_salt, slot_info,
+};
+use crate::fs::Fs;
+use crate::secrets::SecretBytes;
+use crate::token::{EphemeralShare, LastTry, Pin, Token, TokenError};
+
+/// The shortest password `create` accepts (admins may raise it per vault later).
+pub const MIN_PASSWORD_LEN: usize = 8;
+
+pub struct CreateRequest<'a> {
+    pub vault: &'a Path,
+    pub serial: Option<u32>,
+    /// The retired PIV slot of the key to bind; the token's only keybound key if `None`.
+    pub piv_slot: Option<u8>,
+    pub fixed_size: Option<u64>,
+    pub label: String,
+    /// How long one Argon2id derivation should take on this machine.
+    pub kdf_time: Duration,
+    pub kdf_memory_kib: u32,
+    pub last_try: LastTry,
+    /// The owner of the filesystem's root directory.
+    pub owner: (u32, u32),
+}
+
+/// What was made, for the CLI to report.
+pub struct Created {
+    pub vault: PathBuf,
+    pub header: HeaderInfo,
+    pub serial: u32,
+    pub piv_slot: u8,
+    pub fingerprint: String,
+    pub argon: Argon2Params,
+}
+
+/// The token and key a new vault will be bound to, found without a PIN.
+pub struct Binding {
+    pub token: Token,
+    pub piv_slot: u8,
+    pub card_key: crate::token::TokenPublicKey,
+}
+
+/// Find the token and its keybound key (before asking for any secret).
+pub fn find_binding(serial: Option<u32>, piv_slot: Option<u8>) -> Result<Binding, SessionError> {
+    let mut token = Token::open(serial)?;
+    let keys = token.keybound_keys()?;
+    let key = match (piv_slot, keys.as_slice()) {
+        (Some(want), _) => keys
+            .iter()
+            .find(|k| k.slot == want)
+            .cloned()
+            .ok_or_else(|| TokenError::NoKeyInSlot {
+                token: token.name().clone(),
+                slot: want,
+            })?,
+        (None, [only]) => only.clone(),
+        (None, []) => {
+            return Err(SessionError::NoKeyOnToken {
+                serial: token.serial(),
+            });
+        }
+        (None, several) => {
+            return Err(SessionError::SeveralKeysOnToken {
+                serial: token.serial(),
+                slots: several
+                    .iter()
+                    .map(|k| format!("{:02x}", k.slot))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    };
+    Ok(Binding {
+        token,
+        piv_slot: key.slot,
+        card_key: key.public_key,
+    })
+}
+
+pub fn check_password(password: &SecretBytes) -> Result<(), SessionError> {
+    let chars = std::str::from_utf8(password.expose())
+        .map(|s| s.chars().count())
+        .unwrap_or(password.len());
+    if chars < MIN_PASSWORD_LEN {
+        return Err(SessionError::PasswordTooShort {
+            min: MIN_PASSWORD_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Create the vault. `progress(done, total)` reports preallocation.
+pub fn create(
+    req: &CreateRequest,
+    binding: Binding,
+    password: &SecretBytes,
+    pin: &Pin,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Created, SessionError> {
+    check_password(password)?;
+    let Binding {
+        mut token,
+        piv_slot,
+        card_key,
+    } = binding;
+    let serial = token.serial();
+    let share = EphemeralShare::new(&card_key)?;
+    token.verify_pin(pin, req.last_try)?;
+    let card_side = token.ecdh(piv_slot, &share.ephemeral_public)?;
+    if card_side.expose() != share.secret.expose() {
+        return Err(SessionError::Token(TokenError::KeyMismatch {
+            token: token.name().clone(),
+            fingerprint: card_key.fingerprint(),
+        }));
+    }
+    drop(token);
+
+    let argon = calibrate(req.kdf_time, req.kdf_memory_kib)?;
+    let salt = random_salt()?;
+    let password_hash = argon2id(password, &salt, argon)?;
+    let id = new_container_id()?;
+    let kek = key_encryption_key(
+        share.secret.expose(),
+        &password_hash,
+        &salt,
+        &slot_info(&id, 0),
+    )?;
+    let master_key = MasterKey::generate()?;
+    let slot = NewSlot {
+        index: 0,
+        label: req.label.clone(),
+        salt,
+        kind: NewSlotKind::Token {
+            serial,
+            piv_slot,
+            card_public: sec1_array(&card_key),
+            ephemeral_public: sec1_array(&share.ephemeral_public),
+            argon,
+        },
+        kek,
+    };
+    let options = CreateOptions {
+        id,
+        fixed_size: req.fixed_size,
+    };
+    let container = Container::create(req.vault, &options, &master_key, slot, progress)?;
+    let header = container.info().clone();
+    if let Err(e) = make_filesystem(container, master_key, req) {
+        // The half-made vault holds nothing yet; do not leave it behind.
+        let _ = std::fs::remove_file(req.vault);
+        return Err(e);
+    }
+    Ok(Created {
+        vault: req.vault.to_path_buf(),
+        header,
+        serial,
+        piv_slot,
+        fingerprint: card_key.fingerprint(),
+        argon,
+    })
+}
+
+fn make_filesystem(
+    container: Container,
+    master_key: MasterKey,
+    req: &CreateRequest,
+) -> Result<(), SessionError> {
+    let store = container.into_store(master_key)?;
+    let storage = std::sync::Arc::new(super::storage::EncryptedStorage::new(store));
+    let fs =
+        Fs::create(storage, req.owner.0, req.owner.1).map_err(|e| SessionError::Filesystem {
+            vault: req.vault.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    fs.close().map_err(|e| SessionError::Filesystem {
+        vault: req.vault.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+fn sec1_array(key: &crate::token::TokenPublicKey) -> [u8; 65] {
+    let mut out = [0u8; 65];
+    out.copy_from_slice(&key.to_sec1());
+    out
+}

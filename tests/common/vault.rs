@@ -1,0 +1,234 @@
+//! A vault on a software card, driven through the `keybound` CLI as a user
+//! would: set up the card, create the vault, mount it, unmount it. Every test
+//! gets its own temp dir and runtime dir (status records), so tests in
+//! parallel do not see each other's mounts.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use super::{KEYBOUND_BIN, ReadersLock, SoftCard, wait_until};
+
+pub const PASSWORD: &str = "correct horse battery";
+pub const PIN: &str = "24681357";
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub vault: PathBuf,
+    pub mnt: PathBuf,
+    pub password: PathBuf,
+    pub pin: PathBuf,
+    pub serial: u32,
+    card: Option<SoftCard>,
+    lock: Option<ReadersLock>,
+}
+
+impl Fixture {
+    /// A provisioned software card with `serial` in reader 0, an empty mount
+    /// directory and the secrets in files. Holds the readers lock until
+    /// [`Fixture::release_token`] or drop.
+    pub fn new(serial: u32) -> Self {
+        let lock = ReadersLock::acquire();
+        let dir = tempfile::tempdir().unwrap();
+        let card = SoftCard::insert(&dir.path().join("card.json"), serial, 0);
+        let fixture = Fixture {
+            vault: dir.path().join("vault.kb"),
+            mnt: dir.path().join("mnt"),
+            password: secret_file(dir.path(), "password", PASSWORD),
+            pin: secret_file(dir.path(), "pin", PIN),
+            serial,
+            card: Some(card),
+            lock: Some(lock),
+            dir,
+        };
+        std::fs::create_dir(&fixture.mnt).unwrap();
+        let out = fixture.run(&[
+            "token",
+            "setup",
+            "--serial",
+            &serial.to_string(),
+            "--new-pin-file",
+            fixture.pin.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        fixture
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn secret(&self, name: &str, value: &str) -> PathBuf {
+        secret_file(self.dir.path(), name, value)
+    }
+
+    /// `keybound ARGS` with this fixture's runtime dir.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run keybound")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(KEYBOUND_BIN);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("KEYBOUND_RUNTIME_DIR", self.dir.path().join("run"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `keybound create` with the fixture's secrets and the fastest KDF.
+    pub fn create(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "create",
+            self.vault.to_str().unwrap(),
+            "--password-file",
+            self.password.to_str().unwrap(),
+            "--pin-file",
+            self.pin.to_str().unwrap(),
+            "--kdf-time",
+            "50ms",
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    /// `keybound mount VAULT MNT` with the fixture's secrets (detached).
+    pub fn mount(&self, extra: &[&str]) -> Output {
+        self.mount_with(&self.password, &self.pin, extra)
+    }
+
+    pub fn mount_with(&self, password: &Path, pin: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "mount",
+            self.vault.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--password-file",
+            password.to_str().unwrap(),
+            "--pin-file",
+            pin.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    pub fn unmount(&self) -> Output {
+        self.run(&["unmount", self.mnt.to_str().unwrap()])
+    }
+
+    /// Create and mount, asserting both work.
+    pub fn create_and_mount(serial: u32, create_extra: &[&str]) -> Self {
+        let fixture = Fixture::new(serial);
+        assert_ok(&fixture.create(create_extra));
+        assert_ok(&fixture.mount(&[]));
+        fixture
+    }
+
+    /// The mount daemon's pid, from `keybound status --json`.
+    pub fn daemon_pid(&self) -> u32 {
+        let out = self.run(&["status", "--json"]);
+        assert_ok(&out);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .and_then(|a| a.first())
+            .and_then(|m| m["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no mount in status: {list}")) as u32
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let mnt = std::fs::canonicalize(&self.mnt).unwrap_or(self.mnt.clone());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+    }
+
+    /// Pull the card and give the readers to other tests (a mounted vault
+    /// does not need its token until the tether lands).
+    pub fn release_token(&mut self) {
+        self.card = None;
+        self.lock = None;
+    }
+
+    /// Take the readers again and put the fixture's card back in.
+    pub fn lock_readers_again(&mut self) {
+        if self.card.is_none() {
+            self.lock = Some(ReadersLock::acquire());
+            let state = self.dir.path().join("card.json");
+            self.card = Some(SoftCard::insert(&state, self.serial, 0));
+        }
+    }
+
+    pub fn card(&mut self) -> &mut SoftCard {
+        self.card.as_mut().expect("the card was released")
+    }
+
+    /// SHA-256 of the container file, to prove a refusal changed nothing.
+    pub fn vault_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(std::fs::read(&self.vault).unwrap()))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if self.is_mounted() {
+            let _ = self.unmount();
+        }
+        if self.is_mounted() {
+            // A failed test may leave a busy or dead mount: detach it.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+pub fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{value}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "keybound failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        stdout(out),
+        stderr(out)
+    );
+}
+
+#[track_caller]
+pub fn assert_fails(out: &Output, code: i32, message_parts: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stderr: {err}\nstdout: {}",
+        stdout(out)
+    );
+    for part in message_parts {
+        assert!(err.contains(part), "expected {part:?} in: {err}");
+    }
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
+
+/// Wait until `pid` has exited (it is not our child, so poll).
+pub fn wait_for_exit(pid: u32, timeout: Duration) {
+    wait_until(&format!("process {pid} to exit"), timeout, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true)
+    });
+}
