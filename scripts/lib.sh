@@ -583,6 +583,7 @@ kb_keybound_token_ready() {
         return 1
     }
     KB_KB_SERIAL=$serial
+    # shellcheck disable=SC2034 # read by the calling script
     KB_KB_READER=$reader
     KB_KB_PIN_FILE=$KB_TMP/pin
     KB_KB_PASSWORD_FILE=$KB_TMP/vault-password

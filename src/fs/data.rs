@@ -90,7 +90,7 @@ impl Fs {
             }
             let end = a.size.min(offset.saturating_add(u64::from(size)));
             let mut buf = Zeroizing::new(vec![0u8; usize_of(end - offset)]);
-            tx.chunks_in(ino, offset / C, (end - 1) / C, |idx, data| {
+            tx.chunks_each(ino, offset / C, (end - 1) / C, |idx, data| {
                 let cs = idx * C;
                 let lo = offset.max(cs);
                 let hi = end.min(cs + data.len() as u64);

@@ -324,6 +324,7 @@ impl Fs {
         let sb = self.sb.clone();
         let before = self.damaged_reads();
         let outcome = catch_unwind(AssertUnwindSafe(move || -> FsResult<()> {
+            txn.begin_op();
             txn.put_superblock(&sb)?;
             if let Txn::W { txn, .. } = txn {
                 txn.commit()?;
@@ -423,7 +424,7 @@ impl Fs {
         }
         let before = self.damaged_reads();
         let txn = self.take_txn()?;
-        txn.reset_mutated();
+        txn.begin_op();
         let outcome = catch_unwind(AssertUnwindSafe(|| f(self, &txn)));
         let damage = self.damaged_reads() != before;
         match outcome {
@@ -456,7 +457,8 @@ impl Fs {
             self.reopen()?;
         }
         let db = self.db.as_ref().ok_or(FsError::Failed)?;
-        catch_unwind(AssertUnwindSafe(|| db.begin())).map_err(|_| FsError::Damaged)?
+        let storage = &self.backend.storage;
+        catch_unwind(AssertUnwindSafe(|| db.begin(storage))).map_err(|_| FsError::Damaged)?
     }
 
     /// An operation read a damaged sector. Nothing it read is returned. redb's page cache may
@@ -533,7 +535,7 @@ impl Fs {
         let Some(db) = &self.db else { return };
         let before = self.damaged_reads();
         let sb = catch_unwind(AssertUnwindSafe(|| {
-            db.begin().and_then(|tx| tx.superblock())
+            db.begin(&self.backend.storage).and_then(|tx| tx.superblock())
         }));
         if self.damaged_reads() != before || sb.is_err() {
             self.set_damaged("the superblock is damaged");

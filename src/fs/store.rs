@@ -5,12 +5,14 @@
 //! mark the transaction as mutated first, which is what the damage rule keys on.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use redb::{
     Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction,
 };
 use zeroize::Zeroizing;
 
+use super::Storage;
 use super::backend::Backend;
 use super::error::{FsError, FsResult};
 use super::schema::{
@@ -29,7 +31,11 @@ pub(crate) enum Db {
 pub(crate) enum Txn {
     W {
         txn: Box<WriteTransaction>,
+        /// Whether the current operation changed anything.
         mutated: Cell<bool>,
+        /// The storage's damage counter when the current operation began.
+        start: Cell<u64>,
+        storage: Arc<dyn Storage>,
     },
     R(ReadTransaction),
 }
@@ -45,7 +51,7 @@ pub(crate) fn open_db(backend: &Backend, read_only: bool) -> FsResult<Db> {
 }
 
 impl Db {
-    pub fn begin(&self) -> FsResult<Txn> {
+    pub fn begin(&self, storage: &Arc<dyn Storage>) -> FsResult<Txn> {
         Ok(match self {
             Db::W(db) => {
                 let mut txn = db.begin_write()?;
@@ -54,6 +60,8 @@ impl Db {
                 Txn::W {
                     txn: Box::new(txn),
                     mutated: Cell::new(false),
+                    start: Cell::new(storage.damaged_reads()),
+                    storage: storage.clone(),
                 }
             }
             Db::R(db) => Txn::R(db.begin_read()?),
@@ -82,10 +90,20 @@ fn len64(v: &[u8]) -> u64 {
 }
 
 impl Txn {
-    /// The write transaction, marked as mutated; EROFS for a read-only mount.
+    /// The write transaction, marked as mutated; EROFS for a read-only mount. The gate of
+    /// every change: if the operation has read a damaged sector so far (its probe), it fails
+    /// here, before changing anything.
     fn w(&self) -> FsResult<&WriteTransaction> {
         match self {
-            Txn::W { txn, mutated } => {
+            Txn::W {
+                txn,
+                mutated,
+                start,
+                storage,
+            } => {
+                if !mutated.get() && storage.damaged_reads() != start.get() {
+                    return Err(FsError::Damaged);
+                }
                 mutated.set(true);
                 Ok(txn)
             }
@@ -97,9 +115,17 @@ impl Txn {
         matches!(self, Txn::W { mutated, .. } if mutated.get())
     }
 
-    pub fn reset_mutated(&self) {
-        if let Txn::W { mutated, .. } = self {
+    /// Starts an operation: nothing changed yet, damage counted from now.
+    pub fn begin_op(&self) {
+        if let Txn::W {
+            mutated,
+            start,
+            storage,
+            ..
+        } = self
+        {
             mutated.set(false);
+            start.set(storage.damaged_reads());
         }
     }
 
@@ -216,7 +242,27 @@ impl Txn {
         })
     }
 
-    /// Calls `f(index, data)` for each stored chunk with index in `first..=last`.
+    /// Calls `f(index, data)` for each stored chunk with index in `first..=last`, looking each
+    /// one up by key (a range scan would also touch the leaf after the range, so damage next
+    /// to what is read would fail the read).
+    pub fn chunks_each(
+        &self,
+        ino: u64,
+        first: u64,
+        last: u64,
+        mut f: impl FnMut(u64, &[u8]),
+    ) -> FsResult<()> {
+        read_table!(self, CHUNKS, |t| {
+            for idx in first..=last {
+                if let Some(v) = t.get((ino, idx))? {
+                    f(idx, v.value());
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Calls `f(index, data)` for each stored chunk with index in `first..=last` (a range scan).
     pub fn chunks_in(
         &self,
         ino: u64,
