@@ -286,7 +286,7 @@ setup_keybound() {
     fi
     [ -z "$KDF_TIME" ] || create_opts+=(--kdf-time "$KDF_TIME")
     [ -z "$VAULT_SIZE" ] || create_opts+=(--size "$VAULT_SIZE")
-    kb_say "[keybound] keybound create $base/vault.kbd ${create_opts[*]} (card $KB_KB_SERIAL, reader $KB_KB_READER)"
+    kb_say "[keybound] keybound create $base/vault.kbd${create_opts[*]:+ ${create_opts[*]}} (card $KB_KB_SERIAL, reader $KB_KB_READER)"
     kb_keybound_create "$base/vault.kbd" --label bench "${create_opts[@]}" ||
         { NOTE[keybound]="not run: keybound create failed"; return 1; }
     MNT[keybound]=$base/mnt
@@ -361,7 +361,13 @@ bench_target() {
 column_name() {
     case $1 in
     gocryptfs) kb_gocryptfs_version ;;
-    keybound) printf 'keybound %s' "$("$KB_KEYBOUND" --version 2>/dev/null | awk '{ print $2 }')" ;;
+    keybound)
+        if [ -x "$KB_KEYBOUND" ]; then
+            "$KB_KEYBOUND" --version 2>/dev/null | awk '{ print $1 " " $2 }'
+        else
+            printf 'keybound'
+        fi
+        ;;
     plain) printf 'plain %s' "$(findmnt -n -o FSTYPE -T "$WORK")" ;;
     dir) printf '%s' "$DIR_LABEL" ;;
     esac

@@ -14,6 +14,7 @@ use common::vault::{Fixture, assert_fails, assert_ok, stdout, wait_for_exit};
 use sha2::{Digest, Sha256};
 
 /// Exit codes from docs/user-guide.md.
+const NO_PCSCD: i32 = 10;
 const NO_TOKEN: i32 = 11;
 const WRONG_PIN: i32 = 13;
 const WRONG_PASSWORD: i32 = 20;
@@ -209,6 +210,21 @@ fn wrong_secrets_and_missing_or_foreign_tokens_are_refused_without_change() {
     drop(other);
     // No token at all.
     assert_fails(&fx.mount(&[]), NO_TOKEN, &["no PIV token"]);
+    // No smart-card service.
+    let out = fx
+        .command(&[
+            "mount",
+            fx.vault.to_str().unwrap(),
+            fx.mnt.to_str().unwrap(),
+            "--password-file",
+            fx.password.to_str().unwrap(),
+            "--pin-file",
+            fx.pin.to_str().unwrap(),
+        ])
+        .env("PCSCLITE_CSOCK_NAME", "/nonexistent/pcscd.comm")
+        .output()
+        .unwrap();
+    assert_fails(&out, NO_PCSCD, &["pcscd", "not running"]);
     assert!(!fx.is_mounted());
     assert_eq!(fx.vault_digest(), before, "refusals changed the container");
 
@@ -493,5 +509,26 @@ fn kill_9_during_a_write_storm_keeps_every_fsynced_file() {
     assert!(all.len() >= fsynced.len());
     // And the vault still takes writes.
     fs::write(fx.mnt.join("after"), b"after the crash").unwrap();
+    assert_ok(&fx.unmount());
+}
+
+/// Writes nobody fsynced are committed by the daemon's timer within about a
+/// second (docs/fs-schema.md): after two seconds, even kill -9 keeps them.
+#[test]
+fn unsynced_writes_are_durable_within_a_second_or_so() {
+    let mut fx = Fixture::create_and_mount(20000012, &[]);
+    fx.release_token();
+    let pid = fx.daemon_pid();
+    fs::write(fx.mnt.join("no-fsync"), content(12, 300_000)).unwrap();
+    fs::create_dir(fx.mnt.join("dir-no-fsync")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: killing the daemon we started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_for_exit(pid, Duration::from_secs(10));
+    assert_ok(&fx.unmount());
+    fx.lock_readers_again();
+    assert_ok(&fx.mount(&[]));
+    assert_eq!(fs::read(fx.mnt.join("no-fsync")).unwrap(), content(12, 300_000));
+    assert!(fx.mnt.join("dir-no-fsync").is_dir());
     assert_ok(&fx.unmount());
 }
