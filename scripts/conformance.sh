@@ -207,7 +207,7 @@ run_fsx() {
         /^\[INFO / {
             step = $3 + 0; n++; tail[n % tailn] = $0
             now = systime()
-            if (step >= nextmark || now - lastprint >= 60) {
+            if (step >= nextmark || now - lastprint >= 30) {
                 el = now - start
                 eta = (step > 0) ? el * (total - step) / step : 0
                 printf "conformance: [%s] fsx %d/%d ops (%d%%), %dm%02ds elapsed, ~%dm%02ds left\n", name, step, total, 100 * step / total, el / 60, el % 60, eta / 60, eta % 60
@@ -315,7 +315,7 @@ duration_cell() { # TARGET KEY: a duration, or "-"
 }
 row() { # LABEL FUNCTION KEY: one column per target
     local label=$1 fn=$2 key=$3 t
-    printf '%-24s' "$label"
+    printf '%-26s' "$label"
     for t in "${TARGETS[@]}"; do
         printf ' %-28s' "$("$fn" "$t" "$key")"
     done

@@ -34,13 +34,15 @@ APT_PACKAGES=(
     rsync           # backup of a mounted container (later issues)
     restic          # backup of a mounted container (later issues)
     shellcheck      # lints scripts/*.sh
+    libacl1-dev     # libacl.so: `cargo install pjdfstest` links it (crate exacl)
 )
 
 # Binaries from crates.io, "command:crate", installed with cargo install --locked.
 CARGO_TOOLS=(
     cargo-nextest:cargo-nextest # the test runner (scripts/test.sh)
-    pjdfstest:pjdfstest         # POSIX conformance suite (scripts/conformance.sh, tests/common/suites.rs)
-    fsx:fsx                     # file data integrity exerciser (same)
+    # Pinned: tests/common/suites.rs and conformance.sh parse their output.
+    pjdfstest:pjdfstest@0.2.2   # POSIX conformance suite (scripts/conformance.sh, tests/common/suites.rs)
+    fsx:fsx@0.3.2               # file data integrity exerciser, mmap included (same)
 )
 
 # Rust components the CI needs (cargo fmt, cargo clippy).

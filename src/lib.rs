@@ -9,7 +9,7 @@ pub mod container;
 pub mod crypto;
 pub mod fs;
 pub mod fuse;
-pub mod session;
 pub mod secrets;
+pub mod session;
 pub mod softcard;
 pub mod token;

@@ -218,6 +218,31 @@ fn mount_use_unmount_remount() {
 }
 
 #[test]
+fn abort_cuts_off_open_files_and_keeps_data() {
+    let Some(s) = setup() else { return };
+    let h = mount_vault(&s, true, false);
+    fs::write(s.mnt.join("f"), b"written before the lock").unwrap();
+    let mut open = fs::File::open(s.mnt.join("f")).unwrap();
+    let known = h.known_inodes();
+    assert!(!known.is_empty());
+    let notifier = h.notifier().unwrap();
+    for ino in known {
+        // The kernel may have dropped some already (ENOENT); it must not hang.
+        let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+    }
+    h.abort().unwrap();
+    let mut buf = Vec::new();
+    assert!(open.read_to_end(&mut buf).is_err() || buf.is_empty());
+    drop(open);
+    let h = mount_vault(&s, false, false);
+    assert_eq!(
+        fs::read(s.mnt.join("f")).unwrap(),
+        b"written before the lock"
+    );
+    h.unmount().unwrap();
+}
+
+#[test]
 fn writes_are_durable_within_about_a_second() {
     let Some(s) = setup() else { return };
     let h = mount_vault(&s, true, false);
@@ -281,22 +306,32 @@ fn fsx_finds_no_corruption() {
     h.unmount().unwrap();
 }
 
-/// For running external suites by hand: mounts a fresh vault (allow_other) at $KB_MNT and
-/// serves until it is unmounted from outside. `KB_MNT=/mnt/x cargo test --test fs_mount
-/// serve -- --ignored --nocapture`, then e.g. `pjdfstest -p /mnt/x/t`, then `umount /mnt/x`.
+/// For running external suites by hand: mounts a vault (allow_other) at $KB_MNT and serves
+/// until it is unmounted from outside. The vault is $KB_CONTAINER (created if missing) or a
+/// fresh one in a temp dir. `KB_MNT=/mnt/x cargo test --test fs_mount serve -- --ignored
+/// --nocapture`, then e.g. `pjdfstest -p /mnt/x/t`, then `umount /mnt/x`.
 #[test]
 #[ignore]
 fn serve() {
     let Some(s) = setup() else { return };
     let mnt = PathBuf::from(std::env::var_os("KB_MNT").expect("KB_MNT"));
-    let storage = Arc::new(PlainFileStorage::create(&s.container).unwrap());
-    let fs = Fs::create(storage, 0, 0).unwrap();
+    let container = std::env::var_os("KB_CONTAINER").map_or(s.container.clone(), PathBuf::from);
+    let fs = if container.exists() {
+        Fs::open(Arc::new(PlainFileStorage::open(&container).unwrap()), false).unwrap()
+    } else {
+        Fs::create(
+            Arc::new(PlainFileStorage::create(&container).unwrap()),
+            0,
+            0,
+        )
+        .unwrap()
+    };
     let opts = MountOptions {
         allow_other: true,
-        fsname: s.container.display().to_string(),
+        fsname: container.display().to_string(),
         ..Default::default()
     };
     let h = mount(fs, &mnt, &opts).unwrap();
-    eprintln!("serving {} on {}", s.container.display(), mnt.display());
+    eprintln!("serving {} on {}", container.display(), mnt.display());
     h.wait().unwrap();
 }

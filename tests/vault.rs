@@ -25,10 +25,6 @@ const EXISTS: i32 = 25;
 
 const DATA_OFFSET: u64 = 65536;
 
-fn digest(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// Deterministic, incompressible-looking bytes for file `seed`.
 fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -528,7 +524,10 @@ fn unsynced_writes_are_durable_within_a_second_or_so() {
     assert_ok(&fx.unmount());
     fx.lock_readers_again();
     assert_ok(&fx.mount(&[]));
-    assert_eq!(fs::read(fx.mnt.join("no-fsync")).unwrap(), content(12, 300_000));
+    assert_eq!(
+        fs::read(fx.mnt.join("no-fsync")).unwrap(),
+        content(12, 300_000)
+    );
     assert!(fx.mnt.join("dir-no-fsync").is_dir());
     assert_ok(&fx.unmount());
 }

@@ -535,7 +535,8 @@ impl Fs {
         let Some(db) = &self.db else { return };
         let before = self.damaged_reads();
         let sb = catch_unwind(AssertUnwindSafe(|| {
-            db.begin(&self.backend.storage).and_then(|tx| tx.superblock())
+            db.begin(&self.backend.storage)
+                .and_then(|tx| tx.superblock())
         }));
         if self.damaged_reads() != before || sb.is_err() {
             self.set_damaged("the superblock is damaged");

@@ -1,5 +1,6 @@
 //! The fuser `Filesystem`: each request locks the filesystem, calls it, replies.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -28,10 +29,14 @@ pub(crate) fn lock(fs: &SharedFs) -> MutexGuard<'_, Option<Fs>> {
     fs.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Inodes the kernel holds references to (lookup count), so a lock can invalidate their caches.
+pub(crate) type KnownInodes = Arc<Mutex<HashMap<u64, u64>>>;
+
 pub(crate) struct Adapter {
     pub fs: SharedFs,
     /// Set when `destroy` closed the filesystem: the result of that close.
     pub closed: Arc<Mutex<Option<FsResult<()>>>>,
+    pub known: KnownInodes,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -98,9 +103,22 @@ impl Adapter {
 
     fn entry(&self, reply: ReplyEntry, f: impl FnOnce(&mut Fs) -> FsResult<Attr>) {
         match self.with(f) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+            Ok(a) => {
+                self.remember(a.ino);
+                reply.entry(&TTL, &file_attr(&a), Generation(a.generation));
+            }
             Err(e) => reply.error(e),
         }
+    }
+
+    /// The kernel got a reference to `ino` (an entry reply).
+    fn remember(&self, ino: u64) {
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(ino)
+            .or_insert(0) += 1;
     }
 
     fn empty(&self, reply: ReplyEmpty, f: impl FnOnce(&mut Fs) -> FsResult<()>) {
@@ -143,6 +161,16 @@ impl Filesystem for Adapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(reply, |fs| fs.lookup(parent.0, bytes(name)));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = known.get_mut(&ino.0) {
+            *n = n.saturating_sub(nlookup);
+            if *n == 0 {
+                known.remove(&ino.0);
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -462,13 +490,16 @@ impl Filesystem for Adapter {
     ) {
         let mode = mode & !umask;
         match self.with(|fs| fs.create_file(parent.0, bytes(name), mode, caller(req))) {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(a.generation),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((a, fh)) => {
+                self.remember(a.ino);
+                reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(a.generation),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
             Err(e) => reply.error(e),
         }
     }

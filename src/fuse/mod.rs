@@ -21,7 +21,7 @@ use std::time::Duration;
 use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
 
 use crate::fs::{Fs, FsError, FsResult};
-use adapter::{Adapter, SharedFs, lock};
+use adapter::{Adapter, KnownInodes, SharedFs, lock};
 
 /// How often the timer looks for changes to commit.
 pub const COMMIT_TICK: Duration = Duration::from_millis(250);
@@ -60,6 +60,7 @@ pub struct MountHandle {
     session: Option<BackgroundSession>,
     fs: SharedFs,
     closed: Arc<Mutex<Option<FsResult<()>>>>,
+    known: KnownInodes,
     timer: Option<Timer>,
     mountpoint: PathBuf,
     connection: Option<u64>,
@@ -100,9 +101,11 @@ fn config(opts: &MountOptions) -> Config {
 pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<MountHandle> {
     let shared: SharedFs = Arc::new(Mutex::new(Some(fs)));
     let closed = Arc::new(Mutex::new(None));
+    let known = KnownInodes::default();
     let adapter = Adapter {
         fs: shared.clone(),
         closed: closed.clone(),
+        known: known.clone(),
     };
     let session = fuser::Session::new(adapter, mountpoint, &config(opts))?.spawn()?;
     let connection = connection_id(mountpoint);
@@ -111,6 +114,7 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
         timer: Some(start_timer(shared.clone())),
         fs: shared,
         closed,
+        known,
         mountpoint: mountpoint.to_path_buf(),
         connection,
     })
@@ -165,6 +169,13 @@ impl MountHandle {
         self.session.as_ref().map(BackgroundSession::notifier)
     }
 
+    /// The inodes the kernel holds references to (besides the root, 1): what to invalidate
+    /// with [`Notifier::inval_inode`] before aborting, so no cached plaintext stays readable.
+    pub fn known_inodes(&self) -> Vec<u64> {
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.keys().copied().collect()
+    }
+
     /// Runs `f` on the filesystem between requests (None once it is closed).
     pub fn with_fs<R>(&self, f: impl FnOnce(&mut Fs) -> R) -> Option<R> {
         lock(&self.fs).as_mut().map(f)
@@ -199,9 +210,12 @@ impl MountHandle {
             tracing::warn!("lazy unmount of {} failed: {e}", self.mountpoint.display());
         }
         if let Some(id) = self.connection {
-            let path = format!("/sys/fs/fuse/connections/{id}/abort");
-            if let Err(e) = std::fs::write(&path, b"1") {
-                tracing::warn!("aborting the FUSE connection ({path}) failed: {e}");
+            let dir = Path::new(FUSECTL).join(id.to_string());
+            if !dir.exists() {
+                mount_fusectl();
+            }
+            if let Err(e) = std::fs::write(dir.join("abort"), b"1") {
+                tracing::warn!("aborting FUSE connection {id} failed: {e}");
             }
         }
     }
@@ -247,6 +261,27 @@ impl Drop for MountHandle {
             }
         }
         self.stop_timer();
+    }
+}
+
+/// Where the kernel's fusectl filesystem lists FUSE connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Mounts fusectl if it is not (needs root; errors are only logged).
+fn mount_fusectl() {
+    let (src, target, fstype) = (c"fusectl", c"/sys/fs/fuse/connections", c"fusectl");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        tracing::warn!("mounting fusectl failed: {}", io::Error::last_os_error());
     }
 }
 
