@@ -17,10 +17,9 @@ const KNOWN_PJDFSTEST_FAILURES: &[&str] = &[];
 
 #[test]
 fn pjdfstest_passes_on_a_mounted_vault() {
-    let mut fx = Fixture::new(30000001);
+    let fx = Fixture::new(30000001);
     assert_ok(&fx.create(&[]));
     assert_ok(&fx.mount(&["--allow-other"]));
-    fx.release_token();
     let work = fx.path("pjdfstest");
     std::fs::create_dir(&work).unwrap();
     let summary = suites::run_pjdfstest(&fx.mnt, &work);
@@ -48,8 +47,7 @@ fn pjdfstest_passes_on_a_mounted_vault() {
 
 #[test]
 fn fsx_20000_operations_match_the_reference() {
-    let mut fx = Fixture::create_and_mount(30000002, &[]);
-    fx.release_token();
+    let fx = Fixture::create_and_mount(30000002, &[]);
     let outcome = suites::run_fsx(&fx.mnt.join("fsx.data"), 20_000, 20261123);
     assert!(
         outcome.ok && outcome.ops_done >= 20_000,
@@ -60,7 +58,6 @@ fn fsx_20000_operations_match_the_reference() {
     // The data fsx left behind survives a remount.
     let before = std::fs::read(fx.mnt.join("fsx.data")).unwrap();
     assert_ok(&fx.unmount());
-    fx.lock_readers_again();
     assert_ok(&fx.mount(&[]));
     assert_eq!(std::fs::read(fx.mnt.join("fsx.data")).unwrap(), before);
     assert_ok(&fx.unmount());

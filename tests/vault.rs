@@ -71,7 +71,7 @@ fn write_big_file(path: &Path, mib: usize) {
 
 #[test]
 fn round_trip_big_and_small_files_survive_remount() {
-    let mut fx = Fixture::create_and_mount(20000001, &[]);
+    let fx = Fixture::create_and_mount(20000001, &[]);
     let m = fx.mnt.clone();
     write_big_file(&m.join("big.bin"), 200);
     for d in 0..10 {
@@ -104,7 +104,6 @@ fn round_trip_big_and_small_files_survive_remount() {
     );
 
     assert_ok(&fx.mount(&[]));
-    fx.release_token();
     assert_eq!(tree_digests(&m), before);
     assert_eq!(
         fs::read_link(m.join("link")).unwrap(),
@@ -132,8 +131,7 @@ fn entropy(bytes: &[u8]) -> f64 {
 
 #[test]
 fn container_shows_no_plaintext_no_names_and_looks_random() {
-    let mut fx = Fixture::create_and_mount(20000002, &[]);
-    fx.release_token();
+    let fx = Fixture::create_and_mount(20000002, &[]);
     let marker = "keybound-canary-7f3a9c1e-plaintext";
     let name = "secret-name-b41d07e2";
     fs::write(fx.mnt.join(name), marker.repeat(2000)).unwrap();
@@ -298,7 +296,7 @@ fn flip_bit(path: &Path, offset: u64) {
 
 #[test]
 fn damaged_header_copy_falls_back_and_both_damaged_is_refused() {
-    let mut fx = Fixture::new(20000005);
+    let fx = Fixture::new(20000005);
     assert_ok(&fx.create(&[]));
     // Copy A: its generation field.
     flip_bit(&fx.vault, 20);
@@ -330,12 +328,11 @@ fn damaged_header_copy_falls_back_and_both_damaged_is_refused() {
         &["both header copies"],
     );
     assert_eq!(fx.vault_digest(), before);
-    fx.release_token();
 }
 
 #[test]
 fn flipped_data_bit_is_an_io_error_on_that_file_only() {
-    let mut fx = Fixture::create_and_mount(20000006, &[]);
+    let fx = Fixture::create_and_mount(20000006, &[]);
     let big = content(7, 24 << 20);
     fs::write(fx.mnt.join("big"), &big).unwrap();
     fs::write(fx.mnt.join("small"), b"small and intact").unwrap();
@@ -347,7 +344,6 @@ fn flipped_data_bit_is_an_io_error_on_that_file_only() {
     flip_bit(&fx.vault, target);
 
     assert_ok(&fx.mount(&[]));
-    fx.release_token();
     let mut file = fs::File::open(fx.mnt.join("big")).unwrap();
     let mut read_back = Vec::new();
     let err = file
@@ -363,7 +359,7 @@ fn flipped_data_bit_is_an_io_error_on_that_file_only() {
 
 #[test]
 fn truncated_container_is_refused_with_a_clear_message() {
-    let mut fx = Fixture::create_and_mount(20000007, &[]);
+    let fx = Fixture::create_and_mount(20000007, &[]);
     fs::write(fx.mnt.join("data"), content(9, 3 << 20)).unwrap();
     assert_ok(&fx.unmount());
     let len = fs::metadata(&fx.vault).unwrap().len();
@@ -377,12 +373,11 @@ fn truncated_container_is_refused_with_a_clear_message() {
     assert_fails(&fx.mount(&[]), VAULT_DAMAGED, &["truncated", "vault.kb"]);
     assert_eq!(fx.vault_digest(), before);
     assert!(!fx.is_mounted());
-    fx.release_token();
 }
 
 #[test]
 fn preallocated_vault_has_its_fixed_size_and_says_so() {
-    let mut fx = Fixture::new(20000008);
+    let fx = Fixture::new(20000008);
     assert_ok(&fx.create(&["--size", "64M"]));
     // Exactly the size asked for, less a partial sector.
     let len = fs::metadata(&fx.vault).unwrap().len();
@@ -395,7 +390,6 @@ fn preallocated_vault_has_its_fixed_size_and_says_so() {
     let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert!(json["fixed_size"].as_u64().is_some(), "{json}");
     assert_ok(&fx.mount(&[]));
-    fx.release_token();
     fs::write(fx.mnt.join("a"), content(1, 8 << 20)).unwrap();
     // Filling it up is ENOSPC, not a dead filesystem.
     let mut file = fs::File::create(fx.mnt.join("fill")).unwrap();
@@ -419,12 +413,11 @@ fn preallocated_vault_has_its_fixed_size_and_says_so() {
 
 #[test]
 fn read_only_mount_refuses_writes_and_changes_nothing() {
-    let mut fx = Fixture::create_and_mount(20000009, &[]);
+    let fx = Fixture::create_and_mount(20000009, &[]);
     fs::write(fx.mnt.join("kept"), b"kept").unwrap();
     assert_ok(&fx.unmount());
     let before = fx.vault_digest();
     assert_ok(&fx.mount(&["--read-only"]));
-    fx.release_token();
     assert_eq!(fs::read(fx.mnt.join("kept")).unwrap(), b"kept");
     let err = fs::write(fx.mnt.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
@@ -434,15 +427,13 @@ fn read_only_mount_refuses_writes_and_changes_nothing() {
 
 #[test]
 fn sigterm_unmounts_cleanly_and_keeps_what_was_written() {
-    let mut fx = Fixture::create_and_mount(20000010, &[]);
-    fx.release_token();
+    let fx = Fixture::create_and_mount(20000010, &[]);
     fs::write(fx.mnt.join("note"), b"written before SIGTERM").unwrap();
     let pid = fx.daemon_pid();
     // SAFETY: sending a signal to the daemon we started.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     wait_for_exit(pid, Duration::from_secs(10));
     assert!(!fx.is_mounted());
-    fx.lock_readers_again();
     assert_ok(&fx.mount(&[]));
     assert_eq!(
         fs::read(fx.mnt.join("note")).unwrap(),
@@ -455,8 +446,7 @@ fn sigterm_unmounts_cleanly_and_keeps_what_was_written() {
 /// fsync returned; the daemon is killed with SIGKILL in the middle.
 #[test]
 fn kill_9_during_a_write_storm_keeps_every_fsynced_file() {
-    let mut fx = Fixture::create_and_mount(20000011, &[]);
-    fx.release_token();
+    let fx = Fixture::create_and_mount(20000011, &[]);
     let pid = fx.daemon_pid();
     let mnt = fx.mnt.clone();
     let journal = fx.path("fsynced.txt");
@@ -485,7 +475,6 @@ fn kill_9_during_a_write_storm_keeps_every_fsynced_file() {
 
     // The dead mount is cleaned up by `unmount`, then the vault opens again.
     assert_ok(&fx.unmount());
-    fx.lock_readers_again();
     assert_ok(&fx.mount(&[]));
     let fsynced: Vec<u64> = fs::read_to_string(&journal)
         .unwrap()
@@ -512,8 +501,7 @@ fn kill_9_during_a_write_storm_keeps_every_fsynced_file() {
 /// second (docs/fs-schema.md): after two seconds, even kill -9 keeps them.
 #[test]
 fn unsynced_writes_are_durable_within_a_second_or_so() {
-    let mut fx = Fixture::create_and_mount(20000012, &[]);
-    fx.release_token();
+    let fx = Fixture::create_and_mount(20000012, &[]);
     let pid = fx.daemon_pid();
     fs::write(fx.mnt.join("no-fsync"), content(12, 300_000)).unwrap();
     fs::create_dir(fx.mnt.join("dir-no-fsync")).unwrap();
@@ -522,7 +510,6 @@ fn unsynced_writes_are_durable_within_a_second_or_so() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     wait_for_exit(pid, Duration::from_secs(10));
     assert_ok(&fx.unmount());
-    fx.lock_readers_again();
     assert_ok(&fx.mount(&[]));
     assert_eq!(
         fs::read(fx.mnt.join("no-fsync")).unwrap(),

@@ -3,7 +3,8 @@
 
 use keybound::container::ContainerError;
 use keybound::session::SessionError;
-use keybound::token::TokenError;
+use keybound::session::tether::LockReason;
+use keybound::token::{Presence, TokenError};
 
 pub const OK: i32 = 0;
 /// Anything without a more specific code.
@@ -40,6 +41,36 @@ pub const NO_FUSE: i32 = 24;
 pub const EXISTS: i32 = 25;
 /// `unmount`: files are still open in the mount.
 pub const MOUNT_BUSY: i32 = 26;
+
+// A mount daemon's exit status says why its vault locked (0: unmounted).
+/// Locked by `keybound lock`.
+pub const LOCKED_BY_COMMAND: i32 = 30;
+/// Locked because the token was removed (or removed and put back).
+pub const LOCKED_TOKEN_REMOVED: i32 = 31;
+/// Locked because another card appeared in the token's reader.
+pub const LOCKED_OTHER_CARD: i32 = 32;
+/// Locked because the token's reader disappeared.
+pub const LOCKED_READER_GONE: i32 = 33;
+/// Locked because pcscd stopped or stopped answering.
+pub const LOCKED_PCSCD_GONE: i32 = 34;
+/// Locked by SIGTERM, SIGINT or SIGHUP.
+pub const LOCKED_SIGNAL: i32 = 35;
+/// Locked after the idle timeout.
+pub const LOCKED_IDLE: i32 = 36;
+
+/// The exit status of a mount daemon that locked for `reason`.
+pub fn for_lock_reason(reason: &LockReason) -> i32 {
+    match reason {
+        LockReason::Unmounted => OK,
+        LockReason::Command => LOCKED_BY_COMMAND,
+        LockReason::Signal(_) => LOCKED_SIGNAL,
+        LockReason::Idle(_) => LOCKED_IDLE,
+        LockReason::Token(Presence::Removed | Presence::Reinserted) => LOCKED_TOKEN_REMOVED,
+        LockReason::Token(Presence::DifferentCard { .. }) => LOCKED_OTHER_CARD,
+        LockReason::Token(Presence::ReaderGone) => LOCKED_READER_GONE,
+        LockReason::Token(Presence::ServiceGone | Presence::Present) => LOCKED_PCSCD_GONE,
+    }
+}
 
 /// An error that carries its own exit code (e.g. relayed from the mount daemon).
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! The command line: the only layer that prints to or reads from a user.
 
+mod dumpkey_cmd;
 pub mod exitcodes;
 mod mount_cmd;
 mod prompt;
@@ -35,13 +36,16 @@ pub enum Command {
     Create(vault_cmd::CreateArgs),
     /// Unlock a vault (password + token PIN) and mount it on an empty directory.
     Mount(mount_cmd::MountArgs),
-    /// Commit everything, unmount a vault and wipe its keys.
-    #[command(visible_alias = "lock")]
+    /// Commit everything, unmount a vault and wipe its keys (refused while files are open).
     Unmount(mount_cmd::UnmountArgs),
+    /// Lock a vault now: commit, cut off open files, unmount, wipe its keys.
+    Lock(mount_cmd::LockArgs),
     /// List mounted vaults.
     Status(vault_cmd::StatusArgs),
     /// Show a vault's header: format, container id, key slots, KDF settings. Never secrets.
     Info(vault_cmd::InfoArgs),
+    /// Print the vault's master key (hex, on stdout) for disaster recovery; needs password + token.
+    DumpKey(dumpkey_cmd::DumpKeyArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -50,7 +54,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Create(args) => vault_cmd::create(args),
         Command::Mount(args) => mount_cmd::mount(args),
         Command::Unmount(args) => mount_cmd::unmount(args),
+        Command::Lock(args) => mount_cmd::lock(args),
         Command::Status(args) => vault_cmd::status(args),
         Command::Info(args) => vault_cmd::info(args),
+        Command::DumpKey(args) => dumpkey_cmd::run(args),
     }
 }

@@ -18,8 +18,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use keybound::container::{Access, Container, ContainerError};
 use keybound::secrets::SecretBytes;
+use keybound::session::tether::{LOCK_SIGNAL, LockReason};
 use keybound::session::{self, SessionError, daemon, mountpoint, registry, unlock};
-use keybound::token::{LastTry, Pin};
+use keybound::token::{LastTry, Pin, TokenError, TokenName};
 
 use super::{exitcodes, prompt};
 
@@ -51,6 +52,16 @@ pub struct MountArgs {
     /// Allow spending the token's last PIN try (a wrong PIN then blocks it).
     #[arg(long)]
     allow_last_pin_try: bool,
+    /// Lock after this long without file activity (e.g. 15m, 1h).
+    #[arg(long, value_name = "DURATION", value_parser = super::vault_cmd::parse_duration)]
+    idle: Option<Duration>,
+    /// Wait for an enrolled token to be plugged in before asking for secrets.
+    #[arg(long)]
+    wait: bool,
+    /// Diagnostic only: after locking, keep the (keyless) daemon process alive
+    /// until it is killed with SIGKILL, so its memory can be inspected.
+    #[arg(long)]
+    diagnostic_linger: bool,
     /// Internal: the file descriptor a detached daemon reports readiness on.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -60,6 +71,16 @@ pub struct MountArgs {
 pub struct UnmountArgs {
     /// The mountpoint of a vault.
     dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct LockArgs {
+    /// The mountpoint of a vault.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    dir: Option<PathBuf>,
+    /// Lock every vault mounted by this user (root: every vault).
+    #[arg(long)]
+    all: bool,
 }
 
 /// What the checks before any secret found.
@@ -106,8 +127,40 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     let header = Container::inspect(&args.vault)?;
     check_not_mounted(&args.vault)?;
     let mountpoint = mountpoint::check(&args.dir)?;
-    let choice = unlock::choose_slot(&args.vault, &header, args.serial)?;
+    let choice = if args.wait && args.ready_fd.is_none() {
+        wait_for_token(&args.vault, &header, args.serial)?
+    } else {
+        unlock::choose_slot(&args.vault, &header, args.serial)?
+    };
     Ok(Prepared { mountpoint, choice })
+}
+
+/// `--wait`: poll until an enrolled token is plugged in. Other errors (pcscd
+/// not running, several tokens) are reported at once.
+fn wait_for_token(
+    vault: &Path,
+    header: &keybound::container::HeaderInfo,
+    serial: Option<u32>,
+) -> Result<unlock::Choice> {
+    let mut told = false;
+    loop {
+        match unlock::choose_slot(vault, header, serial) {
+            Ok(choice) => return Ok(choice),
+            Err(SessionError::Token(
+                TokenError::NoToken | TokenError::NoReader | TokenError::NotFound { .. },
+            ))
+            | Err(SessionError::TokenNotEnrolled { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !told {
+            eprintln!(
+                "Waiting for a token enrolled in {} to be plugged in (Ctrl-C to give up)...",
+                vault.display()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Refuse early if another daemon holds the vault, naming it.
@@ -158,12 +211,14 @@ fn serve(
     } else {
         LastTry::Refuse
     };
-    let master_key = unlock::unlock(&container, &prepared.choice, &password, &pin, last_try)?;
+    let (master_key, watch) =
+        unlock::unlock_and_watch(&container, &prepared.choice, &password, &pin, last_try)?;
     drop((password, pin));
     let options = daemon::ServeOptions {
         read_only: args.read_only,
         allow_other: args.allow_other,
         log: ready.and(registry::log_path(std::process::id()).ok()),
+        idle: args.idle,
     };
     let vault = args.vault.display().to_string();
     let ended = daemon::serve(
@@ -171,6 +226,7 @@ fn serve(
         master_key,
         &prepared.mountpoint,
         &prepared.choice,
+        watch,
         &options,
         |record| match ready {
             Some(pipe) => pipe.ready(),
@@ -183,8 +239,32 @@ fn serve(
             ),
         },
     )?;
-    tracing::info!(?ended, "vault locked");
-    Ok(())
+    if args.diagnostic_linger {
+        linger();
+    }
+    match ended.reason {
+        LockReason::Unmounted => Ok(()),
+        reason => Err(exitcodes::Coded {
+            code: exitcodes::for_lock_reason(&reason),
+            message: format!(
+                "locked {vault}: {}; keys wiped",
+                reason.describe(Some(&TokenName::serial(prepared.choice.serial)))
+            ),
+        }
+        .into()),
+    }
+}
+
+/// `--diagnostic-linger`: stay alive, keyless, until SIGKILL (every other
+/// signal that ends us is blocked by now), so a test can read our memory.
+fn linger() -> ! {
+    tracing::warn!(
+        "diagnostic: locked, lingering without keys until killed (pid {})",
+        std::process::id()
+    );
+    loop {
+        std::thread::park();
+    }
 }
 
 /// Start `keybound mount -f` detached, secrets through pipes, and wait for it.
@@ -213,10 +293,16 @@ fn spawn_daemon(
         ("--read-only", args.read_only),
         ("--allow-other", args.allow_other),
         ("--allow-last-pin-try", args.allow_last_pin_try),
+        ("--diagnostic-linger", args.diagnostic_linger),
+        // The daemon's log records each lock, its reason and how long it took.
+        ("-v", true),
     ] {
         if on {
             cmd.arg(flag);
         }
+    }
+    if let Some(idle) = args.idle {
+        cmd.args(["--idle", &format!("{}ms", idle.as_millis())]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -426,6 +512,93 @@ fn wait_for_exit(pid: u32, timeout: Duration) -> Result<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `keybound lock`: ask each daemon to run the lock procedure (open files get
+/// errors, nothing stays cached) and wait until its keys are wiped.
+pub fn lock(args: LockArgs) -> Result<()> {
+    let records = match &args.dir {
+        Some(dir) => vec![record_for_lock(dir)?],
+        None => registry::list(),
+    };
+    if records.is_empty() {
+        println!("No vault is mounted.");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for record in records {
+        match lock_one(&record) {
+            Ok(()) => println!(
+                "Locked {}: unmounted {}, keys wiped",
+                record.container.display(),
+                record.mountpoint.display()
+            ),
+            Err(e) if args.all => {
+                eprintln!("keybound: {e:#}");
+                failed += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} vault(s) could not be locked");
+    }
+    Ok(())
+}
+
+fn record_for_lock(dir: &Path) -> Result<registry::MountRecord> {
+    let path =
+        std::fs::canonicalize(dir).with_context(|| format!("{} does not exist", dir.display()))?;
+    if let Some(record) = registry::find_by_mountpoint(&path) {
+        return Ok(record);
+    }
+    match mountpoint::mount_at(&path) {
+        Some(m) if daemon::is_keybound_entry(&m) => bail!(
+            "{} is a keybound mount, but no running daemon of this user serves it \
+             (it may belong to another user, or its daemon died: `umount -l {}` clears a dead one)",
+            path.display(),
+            path.display()
+        ),
+        _ => bail!("{} is not a mounted keybound vault", path.display()),
+    }
+}
+
+fn lock_one(record: &registry::MountRecord) -> Result<()> {
+    let pid = libc::pid_t::try_from(record.pid).context("bad process id in the mount record")?;
+    // SAFETY: kill with a valid signal number; pid comes from a live record.
+    if unsafe { libc::kill(pid, LOCK_SIGNAL) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(err).with_context(|| {
+            format!(
+                "cannot signal the mount daemon of {} (process {pid})",
+                record.mountpoint.display()
+            )
+        });
+    }
+    wait_until_locked(record, Duration::from_secs(60))
+}
+
+/// Locked when the daemon has removed its record (after wiping its keys) or exited.
+fn wait_until_locked(record: &registry::MountRecord, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while registry::process_alive(record.pid) && registry::find_by_pid(record.pid).is_some() {
+        if start.elapsed() > timeout {
+            bail!(
+                "the mount daemon of {} (process {}) has not locked {} s after being asked; \
+                 check its log{}",
+                record.mountpoint.display(),
+                record.pid,
+                timeout.as_secs(),
+                record
+                    .log
+                    .as_ref()
+                    .map(|l| format!(" {}", l.display()))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }

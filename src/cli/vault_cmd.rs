@@ -237,29 +237,73 @@ fn print_header(vault: &std::path::Path, h: &HeaderInfo) {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let mounts = registry::list();
+    // Which tokens are plugged in now: the tether's state, seen from outside.
+    let present = if mounts.is_empty() {
+        Ok(Vec::new())
+    } else {
+        keybound::token::piv_tokens()
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&mounts)?);
+        let list: Vec<serde_json::Value> = mounts
+            .iter()
+            .map(|m| {
+                let mut value = serde_json::to_value(m).unwrap_or_default();
+                value["token_present"] = match &present {
+                    Ok(tokens) => serde_json::Value::Bool(token_present(m, tokens)),
+                    Err(_) => serde_json::Value::Null,
+                };
+                value
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if mounts.is_empty() {
         println!("No vault is mounted.");
         return Ok(());
     }
-    for m in mounts {
+    for m in &mounts {
         println!(
-            "{}  mounted at {}{}\n    token {}, key slot {}, since {}, process {}",
+            "{}  mounted at {}{}\n    key slot {}, since {}, process {}\n    tether: {}",
             m.container.display(),
             m.mountpoint.display(),
             if m.read_only { " (read-only)" } else { "" },
-            m.token_serial
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "none".into()),
             m.key_slot,
             format_time(m.since),
-            m.pid
+            m.pid,
+            tether_state(m, &present),
         );
     }
     Ok(())
+}
+
+fn token_present(m: &registry::MountRecord, tokens: &[keybound::token::PresentToken]) -> bool {
+    tokens.iter().any(|t| {
+        Some(t.serial) == m.token_serial && m.reader.as_ref().is_none_or(|r| *r == t.reader)
+    })
+}
+
+/// "token 123 present in 'Reader' (locks when it leaves); idle lock after 900 s".
+fn tether_state(
+    m: &registry::MountRecord,
+    present: &Result<Vec<keybound::token::PresentToken>, keybound::token::TokenError>,
+) -> String {
+    let token = m
+        .token_serial
+        .map(|s| format!("token {s}"))
+        .unwrap_or_else(|| "no token".into());
+    let reader = m.reader.as_deref().unwrap_or("its reader");
+    let mut state = match present {
+        Ok(tokens) if token_present(m, tokens) => {
+            format!("{token} present in '{reader}' (the vault locks when it leaves)")
+        }
+        Ok(_) => format!("{token} NOT present in '{reader}': the vault is locking"),
+        Err(e) => format!("{token}: cannot ask pcscd ({e}); the vault locks when pcscd is gone"),
+    };
+    if let Some(secs) = m.idle_lock_secs {
+        state.push_str(&format!("; idle lock after {secs} s"));
+    }
+    state
 }
 
 /// "10G", "512M", "1T", "4096" (bytes); powers of 1024.
@@ -292,7 +336,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// "1s", "500ms", "2.5s", "1m".
+/// "1s", "500ms", "2.5s", "15m", "1h".
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -306,7 +350,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => number / 1000.0,
         "s" | "" => number,
         "m" | "min" => number * 60.0,
-        _ => return Err(format!("unknown time unit in {text:?} (use ms, s or m)")),
+        "h" => number * 3600.0,
+        _ => return Err(format!("unknown time unit in {text:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a usable duration"))
 }

@@ -37,6 +37,8 @@ pub(crate) struct Adapter {
     /// Set when `destroy` closed the filesystem: the result of that close.
     pub closed: Arc<Mutex<Option<FsResult<()>>>>,
     pub known: KnownInodes,
+    /// When a request last came in (for the idle lock).
+    pub activity: Arc<super::Activity>,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -96,6 +98,7 @@ fn bytes(s: &OsStr) -> &[u8] {
 impl Adapter {
     /// Runs `f` on the open filesystem (EIO once it is closed).
     fn with<T>(&self, f: impl FnOnce(&mut Fs) -> FsResult<T>) -> Result<T, Errno> {
+        self.activity.touch();
         let mut guard = lock(&self.fs);
         let fs = guard.as_mut().ok_or(Errno::EIO)?;
         f(fs).map_err(|e| errno(&e))

@@ -12,11 +12,11 @@ mod adapter;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
 
@@ -51,6 +51,35 @@ impl Default for MountOptions {
     }
 }
 
+/// When the mount last served a request: what an idle lock measures.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    pub(crate) fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long no request has come in.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 /// The commit timer thread and its stop flag.
 type Timer = (JoinHandle<()>, Arc<(Mutex<bool>, Condvar)>);
 
@@ -64,6 +93,9 @@ pub struct MountHandle {
     timer: Option<Timer>,
     mountpoint: PathBuf,
     connection: Option<u64>,
+    activity: Arc<Activity>,
+    /// We aborted the connection: the session ending with ECONNABORTED is expected.
+    aborted: bool,
 }
 
 impl std::fmt::Debug for MountHandle {
@@ -102,10 +134,12 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
     let shared: SharedFs = Arc::new(Mutex::new(Some(fs)));
     let closed = Arc::new(Mutex::new(None));
     let known = KnownInodes::default();
+    let activity = Arc::new(Activity::default());
     let adapter = Adapter {
         fs: shared.clone(),
         closed: closed.clone(),
         known: known.clone(),
+        activity: activity.clone(),
     };
     let session = fuser::Session::new(adapter, mountpoint, &config(opts))?.spawn()?;
     let connection = connection_id(mountpoint);
@@ -117,15 +151,54 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
         known,
         mountpoint: mountpoint.to_path_buf(),
         connection,
+        activity,
+        aborted: false,
     })
 }
 
-/// The kernel's id of the FUSE connection serving `mountpoint` (its directory name under
-/// /sys/fs/fuse/connections).
+/// The kernel's id of the FUSE connection mounted at `mountpoint` (its directory name under
+/// /sys/fs/fuse/connections): the device number of the topmost mount there, read from
+/// /proc/self/mountinfo rather than by `stat`, which would be a request to the filesystem.
 fn connection_id(mountpoint: &Path) -> Option<u64> {
-    let dev = std::fs::metadata(mountpoint).ok()?.dev();
-    let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
-    Some((major << 20) | minor)
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.as_os_str().as_bytes();
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let target = fields.nth(1)?;
+            (unescape_mountinfo(target) == want).then_some(device)
+        })
+        .next_back()
+        .and_then(|device| {
+            let (major, minor) = device.split_once(':')?;
+            Some((major.parse::<u64>().ok()? << 20) | minor.parse::<u64>().ok()?)
+        })
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let text = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn start_timer(fs: SharedFs) -> Timer {
@@ -176,6 +249,61 @@ impl MountHandle {
         known.keys().copied().collect()
     }
 
+    /// When the mount last served a request.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// Whether the session has ended: the mount was unmounted from outside.
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// The lock procedure's FUSE half (DESIGN.md, "Lock"), in an order that never lets
+    /// plaintext out after it starts:
+    ///
+    /// 1. take the filesystem away from the request loop, so every later request fails
+    ///    with EIO, then commit and close it (what was acknowledged is kept; the store
+    ///    and with it keys and caches are dropped and wiped);
+    /// 2. invalidate the kernel's page and attribute caches of every inode it knows,
+    ///    so a file held open cannot read cached plaintext;
+    /// 3. detach the mount and abort the FUSE connection: open handles get errors,
+    ///    `ls` of the mountpoint shows the empty directory below.
+    ///
+    /// Returns the result of the commit.
+    pub fn lock(mut self) -> io::Result<()> {
+        let taken = lock(&self.fs).take();
+        let committed = match taken {
+            Some(fs) => fs.close().map_err(|e| io::Error::other(e.to_string())),
+            None => Ok(()),
+        };
+        self.invalidate_kernel_caches();
+        self.detach_and_abort();
+        if let Err(e) = self.join() {
+            tracing::warn!(
+                "the FUSE session of {} ended badly: {e}",
+                self.mountpoint.display()
+            );
+        }
+        committed
+    }
+
+    fn invalidate_kernel_caches(&self) {
+        let Some(notifier) = self.notifier() else {
+            return;
+        };
+        let mut inodes = self.known_inodes();
+        inodes.push(1);
+        for ino in inodes {
+            // ENOENT: the kernel already forgot it. Nothing else is expected.
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                tracing::warn!("invalidating inode {ino} failed: {e}");
+            }
+        }
+    }
+
     /// Runs `f` on the filesystem between requests (None once it is closed).
     pub fn with_fs<R>(&self, f: impl FnOnce(&mut Fs) -> R) -> Option<R> {
         lock(&self.fs).as_mut().map(f)
@@ -205,18 +333,22 @@ impl MountHandle {
         self.join()
     }
 
+    /// Abort first, then detach: once detached, the kernel may give our connection id to
+    /// the next FUSE mount, and a late abort would cut off someone else's filesystem. For the
+    /// same reason, abort only while the id still names the mount at our mountpoint.
     fn detach_and_abort(&mut self) {
-        if let Err(e) = umount(&self.mountpoint, libc::MNT_DETACH) {
-            tracing::warn!("lazy unmount of {} failed: {e}", self.mountpoint.display());
+        match self.connection {
+            Some(id) if connection_id(&self.mountpoint) == Some(id) => {
+                abort_connection(id);
+                self.aborted = true;
+            }
+            Some(id) => tracing::debug!("connection {id} is no longer mounted; not aborting"),
+            None => {}
         }
-        if let Some(id) = self.connection {
-            let dir = Path::new(FUSECTL).join(id.to_string());
-            if !dir.exists() {
-                mount_fusectl();
-            }
-            if let Err(e) = std::fs::write(dir.join("abort"), b"1") {
-                tracing::warn!("aborting FUSE connection {id} failed: {e}");
-            }
+        if let Err(e) = umount(&self.mountpoint, libc::MNT_DETACH)
+            && e.raw_os_error() != Some(libc::EINVAL)
+        {
+            tracing::warn!("lazy unmount of {} failed: {e}", self.mountpoint.display());
         }
     }
 
@@ -224,6 +356,10 @@ impl MountHandle {
         let served = match self.session.take() {
             Some(s) => s.join(),
             None => Ok(()),
+        };
+        let served = match served {
+            Err(e) if self.aborted && e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+            other => other,
         };
         self.stop_timer();
         // The session normally closed the filesystem in destroy; close it if it did not.
@@ -266,6 +402,17 @@ impl Drop for MountHandle {
 
 /// Where the kernel's fusectl filesystem lists FUSE connections.
 const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Make every pending and future request of connection `id` fail (fusectl's `abort`).
+fn abort_connection(id: u64) {
+    let dir = Path::new(FUSECTL).join(id.to_string());
+    if !dir.exists() {
+        mount_fusectl();
+    }
+    if let Err(e) = std::fs::write(dir.join("abort"), b"1") {
+        tracing::warn!("aborting FUSE connection {id} failed: {e}");
+    }
+}
 
 /// Mounts fusectl if it is not (needs root; errors are only logged).
 fn mount_fusectl() {

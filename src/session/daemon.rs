@@ -1,53 +1,65 @@
 //! Serving an unlocked vault: filesystem on the encrypted store, FUSE mount,
-//! a record for `keybound status`, and a clean unmount on SIGTERM, SIGINT or
-//! SIGHUP (or when someone runs `keybound unmount`).
+//! a record for `keybound status`, and the tether: the vault locks itself when
+//! its token leaves, on `keybound lock`, on SIGTERM/SIGINT/SIGHUP or when idle
+//! (see [`super::tether`]), and ends cleanly when unmounted from outside.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use super::registry::{self, MountRecord};
 use super::storage::EncryptedStorage;
+use super::tether::{self, LockReason, Signals, Trigger};
 use super::unlock::Choice;
 use super::{SessionError, mountpoint};
 use crate::container::Container;
 use crate::crypto::MasterKey;
 use crate::fs::Fs;
-use crate::fuse::{self, MountOptions};
+use crate::fuse::{self, MountHandle, MountOptions};
+use crate::token::{TokenName, Watch};
 
 pub struct ServeOptions {
     pub read_only: bool,
     pub allow_other: bool,
     /// Where this daemon logs, for the status record.
     pub log: Option<PathBuf>,
+    /// Lock after this long without file activity.
+    pub idle: Option<Duration>,
 }
 
 /// How the mount ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
-    /// Unmounted from outside (`keybound unmount`, `umount`).
-    Unmounted,
-    /// A signal asked us to stop.
-    Signal(i32),
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub reason: LockReason,
+    /// From learning of the reason to the mount being gone and the keys wiped:
+    /// the daemon's own share of the lock latency.
+    pub took: Duration,
 }
 
+/// How often the daemon checks for an outside unmount and the idle clock.
+const TICK: Duration = Duration::from_millis(100);
+
 /// Mount `container` (unlocked with `master_key`) on `mountpoint` and serve it
-/// until it is unmounted. `ready` is called once: with `Ok` when the mount is
-/// usable, or never if an error is returned first.
+/// until it is unmounted or locks. `watch` is the token's presence watch (the
+/// tether); `ready` is called once the mount is usable.
 pub fn serve(
     container: Container,
     master_key: MasterKey,
     mountpoint: &Path,
     choice: &Choice,
+    watch: Watch,
     options: &ServeOptions,
     ready: impl FnOnce(&MountRecord),
 ) -> Result<Ended, SessionError> {
     let vault = std::fs::canonicalize(container.path()).unwrap_or(container.path().to_path_buf());
+    let reader = watch.reader().to_string();
     let store = container.into_store(master_key)?;
     let storage = std::sync::Arc::new(EncryptedStorage::new(store));
     let fs = Fs::open(storage, options.read_only).map_err(|e| SessionError::Filesystem {
         vault: vault.clone(),
         detail: e.to_string(),
     })?;
-    let signals = SignalWatch::block()?;
+    let signals = Signals::block()?;
     let mount_options = MountOptions {
         allow_other: options.allow_other,
         read_only: options.read_only,
@@ -60,6 +72,9 @@ pub fn serve(
             mountpoint: mountpoint.to_path_buf(),
             source,
         })?;
+    let (tx, triggers) = mpsc::channel();
+    tether::spawn_token_watch(watch, tx.clone());
+    signals.spawn(tx);
     let record = MountRecord {
         pid: std::process::id(),
         container: vault.clone(),
@@ -69,6 +84,8 @@ pub fn serve(
         read_only: options.read_only,
         since: registry::now(),
         log: options.log.clone(),
+        reader: Some(reader),
+        idle_lock_secs: options.idle.map(|d| d.as_secs()),
     };
     let registration = registry::register(&record).map_err(|source| SessionError::Io {
         what: format!(
@@ -83,18 +100,81 @@ pub fn serve(
     tracing::info!(vault = %vault.display(), mountpoint = %mountpoint.display(), "mounted");
     ready(&record);
 
-    let stopper = signals.spawn_unmounter(mountpoint.to_path_buf());
-    handle.wait().map_err(|e| SessionError::Filesystem {
-        vault: vault.clone(),
-        detail: e.to_string(),
-    })?;
+    let trigger = wait_for_trigger(&handle, &triggers, options.idle);
+    let token = TokenName::serial(choice.serial);
+    let why = trigger.reason.describe(Some(&token));
+    if trigger.reason != LockReason::Unmounted {
+        tracing::info!(reason = %why, "locking");
+    }
+    let result = finish(handle, &trigger.reason);
     drop(registration);
-    let ended = match stopper.signal() {
-        Some(sig) => Ended::Signal(sig),
-        None => Ended::Unmounted,
+    let ended = Ended {
+        took: trigger.at.elapsed(),
+        reason: trigger.reason,
     };
-    tracing::info!(vault = %vault.display(), ?ended, "unmounted; keys wiped");
+    result.map_err(|e| SessionError::Filesystem {
+        vault: vault.clone(),
+        detail: format!("{e} (while locking: {why})"),
+    })?;
+    tracing::info!(
+        vault = %vault.display(),
+        reason = ended.reason.kind(),
+        took_ms = format!("{:.1}", ended.took.as_secs_f64() * 1000.0),
+        "locked: {why}; keys wiped"
+    );
+    if ended.reason != LockReason::Unmounted {
+        tether::notify_desktop(
+            "keybound: vault locked",
+            &format!("{} locked: {why}", vault.display()),
+        );
+    }
     Ok(ended)
+}
+
+/// Block until something ends the mount.
+fn wait_for_trigger(
+    handle: &MountHandle,
+    triggers: &mpsc::Receiver<Trigger>,
+    idle: Option<Duration>,
+) -> Trigger {
+    loop {
+        match triggers.recv_timeout(TICK) {
+            Ok(trigger) => return trigger,
+            // Both sources gone cannot happen while we hold a receiver with
+            // live senders; fail closed if it does.
+            Err(RecvTimeoutError::Disconnected) => {
+                return Trigger {
+                    reason: LockReason::Command,
+                    at: Instant::now(),
+                };
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let now = Instant::now();
+        if handle.is_finished() {
+            return Trigger {
+                reason: LockReason::Unmounted,
+                at: now,
+            };
+        }
+        if let Some(limit) = idle
+            && handle.activity().idle_for() >= limit
+        {
+            return Trigger {
+                reason: LockReason::Idle(limit),
+                at: now,
+            };
+        }
+    }
+}
+
+/// An outside unmount already happened: wait for the filesystem to close.
+/// Anything else runs the lock procedure.
+fn finish(handle: MountHandle, reason: &LockReason) -> std::io::Result<()> {
+    match reason {
+        LockReason::Unmounted => handle.wait(),
+        _ => handle.lock(),
+    }
 }
 
 /// Unmount `mountpoint`: cleanly if nothing is open there, else lazily (the
@@ -138,68 +218,6 @@ fn fusermount_unmount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EBUSY))
     } else {
         Err(std::io::Error::other(text.trim().to_string()))
-    }
-}
-
-/// The termination signals, blocked in every thread so that one thread can
-/// wait for them with `sigwait` and unmount cleanly.
-struct SignalWatch {
-    set: libc::sigset_t,
-}
-
-const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-
-impl SignalWatch {
-    /// Block the stop signals in this thread; threads started afterwards
-    /// (FUSE, commit timer) inherit the mask.
-    fn block() -> Result<Self, SessionError> {
-        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it,
-        // and pthread_sigmask only reads it.
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in STOP_SIGNALS {
-                libc::sigaddset(&mut set, sig);
-            }
-            set
-        };
-        // SAFETY: as above.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(SessionError::Io {
-                what: "blocking termination signals".into(),
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
-        Ok(SignalWatch { set })
-    }
-
-    fn spawn_unmounter(self, mountpoint: PathBuf) -> Stopper {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let set = self.set;
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` is an initialised sigset; `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                return;
-            }
-            tracing::info!(signal = sig, "signal received; unmounting");
-            let _ = tx.send(sig);
-            if let Err(e) = unmount(&mountpoint, true) {
-                tracing::error!("cannot unmount {}: {e}", mountpoint.display());
-            }
-        });
-        Stopper { rx }
-    }
-}
-
-struct Stopper {
-    rx: std::sync::mpsc::Receiver<i32>,
-}
-
-impl Stopper {
-    fn signal(&self) -> Option<i32> {
-        self.rx.try_recv().ok()
     }
 }
 

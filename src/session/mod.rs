@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod mountpoint;
 pub mod registry;
 mod storage;
+pub mod tether;
 pub mod unlock;
 
 use std::path::PathBuf;

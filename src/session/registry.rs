@@ -27,6 +27,12 @@ pub struct MountRecord {
     pub since: u64,
     /// Where the daemon logs.
     pub log: Option<PathBuf>,
+    /// The reader the token is watched in (the tether).
+    #[serde(default)]
+    pub reader: Option<String>,
+    /// Locks after this many seconds without file activity.
+    #[serde(default)]
+    pub idle_lock_secs: Option<u64>,
 }
 
 /// Where records live: /run/keybound for root, $XDG_RUNTIME_DIR/keybound or
@@ -176,6 +182,8 @@ mod tests {
             read_only: false,
             since: now(),
             log: None,
+            reader: None,
+            idle_lock_secs: None,
         };
         let dead = MountRecord {
             pid: u32::MAX - 1,

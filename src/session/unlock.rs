@@ -12,7 +12,7 @@ use super::SessionError;
 use crate::container::{Container, ContainerError, HeaderInfo, SlotInfo, SlotKind};
 use crate::crypto::{MasterKey, argon2id, key_encryption_key, slot_info};
 use crate::secrets::SecretBytes;
-use crate::token::{self, LastTry, Pin, Token, TokenError, TokenPublicKey};
+use crate::token::{self, LastTry, Pin, Token, TokenError, TokenPublicKey, Watch};
 
 /// The token slot a present token can open.
 #[derive(Debug, Clone)]
@@ -86,6 +86,18 @@ pub fn unlock(
     pin: &Pin,
     last_try: LastTry,
 ) -> Result<MasterKey, SessionError> {
+    unlock_and_watch(container, choice, password, pin, last_try).map(|(key, _)| key)
+}
+
+/// [`unlock`], and a presence watch on the token that unlocked, started
+/// before its PIN is checked so that a swap of cards in between is seen.
+pub fn unlock_and_watch(
+    container: &Container,
+    choice: &Choice,
+    password: &SecretBytes,
+    pin: &Pin,
+    last_try: LastTry,
+) -> Result<(MasterKey, Watch), SessionError> {
     let SlotKind::Token {
         card_public,
         ephemeral_public,
@@ -100,6 +112,7 @@ pub fn unlock(
     let card_key = TokenPublicKey::from_sec1(card_public)?;
     let ephemeral = TokenPublicKey::from_sec1(ephemeral_public)?;
     let (mut token, piv_slot) = Token::find_key(Some(choice.serial), &card_key)?;
+    let watch = Watch::new(token.reader(), choice.serial)?;
     token.verify_pin(pin, last_try)?;
     let shared = token.ecdh(piv_slot, &ephemeral)?;
     drop(token);
@@ -108,7 +121,7 @@ pub fn unlock(
     let password_hash = argon2id(password, salt, *argon)?;
     let info = slot_info(&container.info().id, choice.slot.index);
     let kek = key_encryption_key(shared.expose(), &password_hash, salt, &info)?;
-    container
+    let key = container
         .unwrap_slot(choice.slot.index, &kek)
         .map_err(|e| match e {
             ContainerError::SlotUnwrap { .. } => SessionError::WrongPassword {
@@ -117,5 +130,6 @@ pub fn unlock(
                 serial: choice.serial,
             },
             other => other.into(),
-        })
+        })?;
+    Ok((key, watch))
 }

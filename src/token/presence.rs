@@ -89,6 +89,11 @@ impl Watch {
         })
     }
 
+    /// The reader this watch is on.
+    pub fn reader(&self) -> String {
+        self.state.name().to_string_lossy().into_owned()
+    }
+
     /// Block until something changes or `timeout` passes; `Present` on timeout.
     pub fn wait(&mut self, timeout: Duration) -> Presence {
         match self

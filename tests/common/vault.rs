@@ -6,7 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use super::{KEYBOUND_BIN, ReadersLock, SoftCard, wait_until};
@@ -113,6 +113,45 @@ impl Fixture {
         self.run(&args)
     }
 
+    /// `keybound mount -f` as a child of the test, so its exit status (why the
+    /// vault locked) can be read; returns once the mount is up.
+    pub fn mount_foreground(&self, extra: &[&str]) -> Child {
+        let mut args = vec![
+            "mount",
+            "-f",
+            self.vault.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--password-file",
+            self.password.to_str().unwrap(),
+            "--pin-file",
+            self.pin.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut child = self
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start keybound mount -f");
+        wait_until("the foreground mount", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("keybound mount -f exited ({status}) before mounting:\n{err}");
+            }
+            self.is_mounted() && !self.status_is_empty()
+        });
+        child
+    }
+
+    fn status_is_empty(&self) -> bool {
+        let out = self.run(&["status", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v.as_array().is_none_or(|a| a.is_empty()))
+            .unwrap_or(true)
+    }
+
     pub fn unmount(&self) -> Output {
         self.run(&["unmount", self.mnt.to_str().unwrap()])
     }
@@ -142,22 +181,6 @@ impl Fixture {
             .unwrap()
             .lines()
             .any(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
-    }
-
-    /// Pull the card and give the readers to other tests (a mounted vault
-    /// does not need its token until the tether lands).
-    pub fn release_token(&mut self) {
-        self.card = None;
-        self.lock = None;
-    }
-
-    /// Take the readers again and put the fixture's card back in.
-    pub fn lock_readers_again(&mut self) {
-        if self.card.is_none() {
-            self.lock = Some(ReadersLock::acquire());
-            let state = self.dir.path().join("card.json");
-            self.card = Some(SoftCard::insert(&state, self.serial, 0));
-        }
     }
 
     pub fn card(&mut self) -> &mut SoftCard {
