@@ -2,7 +2,8 @@
 # keybound demo, on a fresh Debian 12 machine: install what is missing, build,
 # plug a software PIV card into pcscd's virtual reader, provision it with
 # `keybound token setup`, create a vault bound to it, mount it, write and list
-# files, lock it, show that the container reveals nothing, and open it again.
+# files, lock it, show that the container reveals nothing, open it again, and
+# pull the card out: the vault locks itself.
 #
 # Starts pcscd only if it is not running, and stops on exit only what it
 # started. Secrets (the demo PINs) go through 0600 files in a private temp
@@ -133,13 +134,20 @@ step "open it again and read the file back"
 run "$KEYBOUND" mount "$VAULT" "$MNT" --password-file "$PASSWORD_FILE" --pin-file "$NEW_PIN_FILE"
 [ "$(cat "$MNT/hello.txt")" = "$MARKER" ] || fail "hello.txt did not survive the remount"
 kb_say "hello.txt reads back: $(cat "$MNT/hello.txt")"
-run "$KEYBOUND" unmount "$MNT"
+run "$KEYBOUND" status
 
-step "pull the card out (stop keybound-softcard)"
+step "pull the card out (stop keybound-softcard): the vault locks itself"
 kb_stop_softcard "$CARD_PID" "$READER" ||
     fail "the reader still shows a card after the software card stopped"
 kb_say "reader '$(kb_reader_name "$READER")' is empty"
-run "$KEYBOUND" token list
+for ((i = 0; i < 100; i++)); do
+    mountpoint -q "$MNT" || break
+    sleep 0.05
+done
+mountpoint -q "$MNT" && fail "the vault is still mounted 5 s after the card left"
+[ -z "$(ls -A "$MNT")" ] || fail "the mountpoint still shows files after the lock"
+run "$KEYBOUND" status
+kb_say "the vault locked itself: $MNT is an empty directory, its keys are wiped"
 
 step "clean up"
 kb_stop_pcscd_if_we_started

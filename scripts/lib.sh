@@ -361,7 +361,9 @@ kb_fs_cleanup() {
     if [ -n "$hook" ]; then
         "$hook" "$rc"
     fi
+    # kb_fs_unmount unregisters (every entry for that dir): the list shrinks.
     for ((i = ${#KB_FS_MOUNTS[@]} - 1; i >= 0; i--)); do
+        [ -n "${KB_FS_MOUNTS[i]:-}" ] || continue
         kb_fs_unmount "${KB_FS_MOUNTS[i]#*:}"
     done
     for dir in "${KB_FS_WORKDIRS[@]}"; do

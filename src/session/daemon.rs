@@ -119,7 +119,7 @@ pub fn serve(
     tracing::info!(
         vault = %vault.display(),
         reason = ended.reason.kind(),
-        took_ms = format!("{:.1}", ended.took.as_secs_f64() * 1000.0),
+        took_ms = %format!("{:.1}", ended.took.as_secs_f64() * 1000.0),
         "locked: {why}; keys wiped"
     );
     if ended.reason != LockReason::Unmounted {
