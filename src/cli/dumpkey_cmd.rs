@@ -1,0 +1,102 @@
+//! `keybound dump-key VAULT`: print the vault's master key, for disaster
+//! recovery (what `cryptsetup luksDump --dump-volume-key` is to LUKS).
+//!
+//! Guarded exactly like `mount`: the token must be plugged in, and both its
+//! PIN and the vault password are needed. The key goes to stdout as one line
+//! of hex and nothing else, so a script can capture it; everything a person
+//! should read (the warning) goes to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use keybound::container::{Access, Container};
+use keybound::secrets::SecretBytes;
+use keybound::session::unlock;
+use keybound::token::LastTry;
+
+use super::prompt;
+
+#[derive(Args)]
+pub struct DumpKeyArgs {
+    /// The container file (it must not be mounted).
+    vault: PathBuf,
+    /// Use the enrolled token with this serial (needed when several are plugged in).
+    #[arg(long)]
+    serial: Option<u32>,
+    /// Read the vault password from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the token's PIN from FILE (`-` for stdin) instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// Allow spending the token's last PIN try (a wrong PIN then blocks it).
+    #[arg(long)]
+    allow_last_pin_try: bool,
+}
+
+const WARNING: &str = "\
+WARNING: this is the vault's master key. Anyone who has it can decrypt this vault and every \
+copy or backup of it, without password or token, until the master key is rotated. Do not \
+store it next to the vault; keep it offline (paper in a safe), and never paste it into a \
+chat, ticket or shell history.";
+
+pub fn run(args: DumpKeyArgs) -> Result<()> {
+    // Everything that needs no secret first, as `mount` does: the container,
+    // its lock (a mounted vault is refused) and the token to use.
+    let header = Container::inspect(&args.vault)?;
+    let container = Container::open(&args.vault, Access::ReadOnly)?;
+    let choice = unlock::choose_slot(&args.vault, &header, args.serial)?;
+    let password = prompt::secret(
+        args.password_file.as_deref(),
+        "password",
+        &format!("Password for {}: ", args.vault.display()),
+        "--password-file",
+    )?;
+    let pin = prompt::pin(
+        args.pin_file.as_deref(),
+        &format!("PIN of token {}: ", choice.serial),
+    )?;
+    let last_try = if args.allow_last_pin_try {
+        LastTry::Allow
+    } else {
+        LastTry::Refuse
+    };
+    let master_key = unlock::unlock(&container, &choice, &password, &pin, last_try)?;
+    drop((password, pin, container));
+
+    let line = hex_line(master_key.dangerous_export())?;
+    drop(master_key);
+    eprintln!("{WARNING}");
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(line.expose())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the master key to stdout")?;
+    Ok(())
+}
+
+/// `key` as lowercase hex and a newline, built in locked memory.
+fn hex_line(key: &[u8]) -> Result<SecretBytes> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut line = SecretBytes::zeroed(key.len() * 2 + 1)?;
+    let out = line.as_mut();
+    for (i, byte) in key.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(byte >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    out[key.len() * 2] = b'\n';
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_line_is_lowercase_hex_and_a_newline() {
+        let line = hex_line(&[0x00, 0x9f, 0xa0, 0xff]).unwrap();
+        assert_eq!(line.expose(), b"009fa0ff\n");
+    }
+}
