@@ -5,6 +5,12 @@ mod cli;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// Every heap block is zeroed when it is freed, so plaintext and key bytes in
+/// buffers we do not own (redb, fuser, the token crates) do not outlive their
+/// use (docs/threat-model.md, "Memory hygiene").
+#[global_allocator]
+static ALLOCATOR: keybound::secrets::WipingAllocator = keybound::secrets::WipingAllocator;
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         // The yubikey crate logs every failed probe of a non-PIV card as an error;
@@ -17,6 +23,8 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A detached daemon logs to a file: colour codes would only get in the way.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
