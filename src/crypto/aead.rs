@@ -45,7 +45,18 @@ pub fn random_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
 }
 
 /// Build a `ring` key from raw bytes, its schedule placed in locked memory.
+///
+/// `ring` builds the schedule by value, so copies of it (the first two round
+/// keys are the key itself) are left in the stack frames below this one;
+/// they are scrubbed before returning.
 fn locked_key(bytes: &[u8]) -> Result<Locked<LessSafeKey>, CryptoError> {
+    let key = build_locked_key(bytes);
+    crate::secrets::scrub_stack();
+    key
+}
+
+#[inline(never)]
+fn build_locked_key(bytes: &[u8]) -> Result<Locked<LessSafeKey>, CryptoError> {
     check_len("an AES-256-GCM key", bytes.len(), KEY_LEN)?;
     let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| CryptoError::Length {
         what: "an AES-256-GCM key",

@@ -18,13 +18,21 @@ impl KeyType for OutputLen {
 /// HKDF-SHA256 extract-then-expand of `ikm` into `out` (at most 255 × 32 bytes).
 ///
 /// `out` is the caller's buffer, normally inside a `SecretBytes`, so the
-/// derived key is written straight into locked memory.
+/// derived key is written straight into locked memory. The HMAC states and
+/// output blocks `ring` leaves in dead stack frames are scrubbed.
 pub(crate) fn hkdf_sha256(
     ikm: &[u8],
     salt: &[u8],
     info: &[u8],
     out: &mut [u8],
 ) -> Result<(), CryptoError> {
+    let result = hkdf_inner(ikm, salt, info, out);
+    crate::secrets::scrub_stack();
+    result
+}
+
+#[inline(never)]
+fn hkdf_inner(ikm: &[u8], salt: &[u8], info: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
     // The pseudo-random key holds HMAC pad states computed from `ikm`: anyone
     // with them can derive every output, so it goes into locked memory too.
     let prk = Locked::new(Salt::new(HKDF_SHA256, salt).extract(ikm))?;

@@ -140,17 +140,43 @@ impl Argon2Params {
 /// to lock (it would exceed RLIMIT_MEMLOCK), so it is wiped as soon as the
 /// hash is done instead. `out` is the caller's (a `SecretBytes`), so the hash
 /// itself never touches ordinary memory; with the crate's `zeroize` feature,
-/// its internal seed and final block are wiped as well.
+/// its internal seed and final block are wiped as well, and the blocks it
+/// works on in its stack frames are scrubbed afterwards.
+///
+/// The memory is reserved fallibly: in a mount daemon whose memory is locked
+/// (`secrets::lock_all_memory`), a too-low locked-memory limit is an error
+/// here, not an abort.
 fn hash_into(
     ctx: &Argon2<'_>,
     password: &[u8],
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), CryptoError> {
-    let mut blocks = vec![Block::default(); ctx.params().block_count()];
-    let result = ctx.hash_password_into_with_memory(password, salt, out, &mut blocks[..]);
+    let count = ctx.params().block_count();
+    let mut blocks = Vec::new();
+    blocks.try_reserve_exact(count).map_err(|_| {
+        CryptoError::Argon2(format!(
+            "cannot allocate {} MiB of working memory (is the locked-memory limit, \
+             `ulimit -l`, too low?)",
+            (count * std::mem::size_of::<Block>()) >> 20
+        ))
+    })?;
+    blocks.resize(count, Block::default());
+    let result = hash_inner(ctx, password, salt, out, &mut blocks);
     blocks.zeroize();
+    crate::secrets::scrub_stack();
     result.map_err(|e| CryptoError::Argon2(e.to_string()))
+}
+
+#[inline(never)]
+fn hash_inner(
+    ctx: &Argon2<'_>,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+    blocks: &mut [Block],
+) -> argon2::Result<()> {
+    ctx.hash_password_into_with_memory(password, salt, out, blocks)
 }
 
 /// Argon2id(password, salt) with `params`, a 32-byte hash in locked memory.

@@ -27,7 +27,16 @@ impl HeaderMac {
         Self::from_key_bytes(key.expose_for(KeyPurpose::HeaderMac)?)
     }
 
+    /// `ring` computes the pad states by value, leaving copies (and the key
+    /// XORed with the pads) in dead stack frames: scrubbed before returning.
     fn from_key_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let key = Self::build(bytes);
+        crate::secrets::scrub_stack();
+        key
+    }
+
+    #[inline(never)]
+    fn build(bytes: &[u8]) -> Result<Self, CryptoError> {
         Ok(HeaderMac {
             key: Locked::new(hmac::Key::new(hmac::HMAC_SHA256, bytes))?,
         })
