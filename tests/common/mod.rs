@@ -3,6 +3,7 @@
 //! parallel processes (cargo-nextest) take turns on the two virtual readers.
 #![allow(dead_code)]
 
+pub mod memscan;
 pub mod vault;
 
 use std::fs::{File, OpenOptions};
