@@ -22,6 +22,7 @@ const VAULT_DAMAGED: i32 = 21;
 const VAULT_IN_USE: i32 = 22;
 const BAD_MOUNTPOINT: i32 = 23;
 const EXISTS: i32 = 25;
+const NEEDS_RECOVERY: i32 = 27;
 
 const DATA_OFFSET: u64 = 65536;
 
@@ -516,5 +517,39 @@ fn unsynced_writes_are_durable_within_a_second_or_so() {
         content(12, 300_000)
     );
     assert!(fx.mnt.join("dir-no-fsync").is_dir());
+    assert_ok(&fx.unmount());
+}
+
+/// After a crash, a read-only mount cannot replay the store's recovery (that
+/// writes); it must say so and what to do, and change nothing.
+#[test]
+fn read_only_mount_after_a_crash_explains_itself() {
+    let fx = Fixture::create_and_mount(20000020, &[]);
+    let mut f = fs::File::create(fx.mnt.join("f")).unwrap();
+    f.write_all(b"x").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let pid = fx.daemon_pid();
+    // SAFETY: killing the daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_for_exit(pid, Duration::from_secs(10));
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&fx.mnt)
+        .status();
+    let before = fx.vault_digest();
+    let out = fx.mount(&["--read-only"]);
+    assert_fails(
+        &out,
+        NEEDS_RECOVERY,
+        &["not closed cleanly", "read-write once", "then mount it read-only"],
+    );
+    assert_eq!(fx.vault_digest(), before);
+    assert!(!fx.is_mounted());
+    // As told: read-write once, then read-only works and shows the data.
+    assert_ok(&fx.mount(&[]));
+    assert_ok(&fx.unmount());
+    assert_ok(&fx.mount(&["--read-only"]));
+    assert_eq!(fs::read(fx.mnt.join("f")).unwrap(), b"x");
     assert_ok(&fx.unmount());
 }

@@ -41,6 +41,8 @@ pub const NO_FUSE: i32 = 24;
 pub const EXISTS: i32 = 25;
 /// `unmount`: files are still open in the mount.
 pub const MOUNT_BUSY: i32 = 26;
+/// `mount --read-only` of a vault that was not closed cleanly: mount it read-write once.
+pub const NEEDS_RECOVERY: i32 = 27;
 
 // A mount daemon's exit status says why its vault locked (0: unmounted).
 /// Locked by `keybound lock`.
@@ -132,6 +134,7 @@ pub fn for_session_error(err: &SessionError) -> i32 {
         E::TokenNotEnrolled { .. } | E::NoTokenSlot { .. } | E::NoKeyOnToken { .. } => NO_TOKEN,
         E::AmbiguousToken { .. } | E::SeveralKeysOnToken { .. } => AMBIGUOUS_TOKEN,
         E::NoFuse { .. } => NO_FUSE,
+        E::NeedsRecovery { .. } => NEEDS_RECOVERY,
         _ => OTHER,
     }
 }

@@ -14,7 +14,7 @@ use super::unlock::Choice;
 use super::{SessionError, mountpoint};
 use crate::container::Container;
 use crate::crypto::MasterKey;
-use crate::fs::Fs;
+use crate::fs::{Fs, FsError};
 use crate::fuse::{self, MountHandle, MountOptions};
 use crate::token::{TokenName, Watch};
 
@@ -55,9 +55,19 @@ pub fn serve(
     let reader = watch.reader().to_string();
     let store = container.into_store(master_key)?;
     let storage = std::sync::Arc::new(EncryptedStorage::new(store));
-    let fs = Fs::open(storage, options.read_only).map_err(|e| SessionError::Filesystem {
-        vault: vault.clone(),
-        detail: e.to_string(),
+    let fs = Fs::open(storage, options.read_only).map_err(|e| match e {
+        // redb replays its last commit on open after a crash; read-only, it cannot.
+        FsError::Store(detail)
+            if options.read_only && detail == redb::DatabaseError::RepairAborted.to_string() =>
+        {
+            SessionError::NeedsRecovery {
+                vault: vault.clone(),
+            }
+        }
+        other => SessionError::Filesystem {
+            vault: vault.clone(),
+            detail: other.to_string(),
+        },
     })?;
     let signals = Signals::block()?;
     let mount_options = MountOptions {

@@ -86,6 +86,13 @@ pub enum SessionError {
     NoFuse { detail: String },
     #[error("the filesystem inside {vault} cannot be opened: {detail}")]
     Filesystem { vault: PathBuf, detail: String },
+    #[error(
+        "{vault} was not closed cleanly (its mount daemon was killed or crashed), and a \
+         read-only mount cannot run the recovery, which writes. Mount it read-write once \
+         (`keybound mount {vault} DIR`; it reopens at its last commit, with everything that \
+         was fsynced), unmount it, then mount it read-only"
+    )]
+    NeedsRecovery { vault: PathBuf },
     #[error("mounting {vault} on {mountpoint} failed: {source}")]
     Mount {
         vault: PathBuf,
