@@ -542,7 +542,11 @@ fn read_only_mount_after_a_crash_explains_itself() {
     assert_fails(
         &out,
         NEEDS_RECOVERY,
-        &["not closed cleanly", "read-write once", "then mount it read-only"],
+        &[
+            "not closed cleanly",
+            "read-write once",
+            "then mount it read-only",
+        ],
     );
     assert_eq!(fx.vault_digest(), before);
     assert!(!fx.is_mounted());
