@@ -5,6 +5,7 @@
 //! `token` (PIV over PC/SC), `softcard` (a software PIV card for tests and demos).
 //! Nothing in the library prints or reads a terminal; that is the CLI's job.
 
+pub mod audit;
 pub mod container;
 pub mod crypto;
 pub mod fs;

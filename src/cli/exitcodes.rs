@@ -60,6 +60,10 @@ pub const LOCKED_SIGNAL: i32 = 35;
 /// Locked after the idle timeout.
 pub const LOCKED_IDLE: i32 = 36;
 
+/// `keybound audit verify`: the audit log's hash chain is broken (a line was
+/// edited, removed, inserted or reordered, or the tail was cut).
+pub const AUDIT_TAMPERED: i32 = 40;
+
 /// The exit status of a mount daemon that locked for `reason`.
 pub fn for_lock_reason(reason: &LockReason) -> i32 {
     match reason {

@@ -1,5 +1,6 @@
 //! The command line: the only layer that prints to or reads from a user.
 
+mod audit_cmd;
 mod dumpkey_cmd;
 pub mod exitcodes;
 mod mount_cmd;
@@ -23,6 +24,10 @@ pub struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Append audit entries to FILE instead of KEYBOUND_AUDIT_LOG or the default
+    /// (~/.local/state/keybound/audit.log; root: /var/log/keybound/audit.log).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub audit_log: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -46,9 +51,15 @@ pub enum Command {
     Info(vault_cmd::InfoArgs),
     /// Print the vault's master key (hex, on stdout) for disaster recovery; needs password + token.
     DumpKey(dumpkey_cmd::DumpKeyArgs),
+    /// The audit log: check its hash chain, show its entries.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(log) = &cli.audit_log {
+        keybound::audit::set_log_path(log);
+    }
     match cli.command {
         Command::Token(cmd) => token_cmd::run(cmd),
         Command::Create(args) => vault_cmd::create(args),
@@ -58,5 +69,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => vault_cmd::status(args),
         Command::Info(args) => vault_cmd::info(args),
         Command::DumpKey(args) => dumpkey_cmd::run(args),
+        Command::Audit(cmd) => audit_cmd::run(cmd),
     }
 }

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use keybound::audit::Event;
 use keybound::container::{Access, Container, ContainerError};
 use keybound::secrets::SecretBytes;
 use keybound::session::tether::{LOCK_SIGNAL, LockReason};
 use keybound::session::{self, SessionError, daemon, mountpoint, registry, unlock};
 use keybound::token::{LastTry, Pin, TokenError, TokenName};
 
-use super::{exitcodes, prompt};
+use super::{audit_cmd, exitcodes, prompt};
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -103,18 +104,28 @@ pub fn mount(args: MountArgs) -> Result<()> {
 }
 
 fn mount_inner(args: &MountArgs, ready: Option<&ReadyPipe>) -> Result<()> {
-    let prepared = prepare(args)?;
+    // Audit: a refusal before any secret is asked is a failed `mount`; from
+    // the secrets on, a failed `unlock` (the daemon records its own).
+    let prepared = prepare(args).inspect_err(|e| {
+        audit_cmd::record_failure(mount_event(args, None).field("stage", "check"), e)
+    })?;
     let serial = prepared.choice.serial;
+    let secrets_failed = |e: &anyhow::Error| {
+        let event = unlock_event(args, &prepared.choice, None).field("stage", "secrets");
+        audit_cmd::record_failure(event, e)
+    };
     let password = prompt::secret(
         args.password_file.as_deref(),
         "password",
         &format!("Password for {}: ", args.vault.display()),
         "--password-file",
-    )?;
+    )
+    .inspect_err(secrets_failed)?;
     let pin = prompt::pin(
         args.pin_file.as_deref(),
         &format!("PIN of token {serial}: "),
-    )?;
+    )
+    .inspect_err(secrets_failed)?;
     if args.foreground || ready.is_some() {
         serve(args, prepared, password, pin, ready)
     } else {
@@ -133,6 +144,37 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         unlock::choose_slot(&args.vault, &header, args.serial)?
     };
     Ok(Prepared { mountpoint, choice })
+}
+
+/// An audit event about the vault of `args`: the container id (read from
+/// the header when not given), the key slot and token once chosen.
+fn vault_event(
+    action: &str,
+    args: &MountArgs,
+    choice: Option<&unlock::Choice>,
+    container_id: Option<&[u8]>,
+) -> Event {
+    let event = Event::new(action, &args.vault);
+    let event = match container_id {
+        Some(id) => event.container_id(id),
+        None => match Container::inspect(&args.vault) {
+            Ok(header) => event.container_id(&header.id),
+            Err(_) => event,
+        },
+    };
+    match (choice, args.serial) {
+        (Some(c), _) => event.slot(c.slot.index).token(c.serial),
+        (None, Some(serial)) => event.token(serial),
+        (None, None) => event,
+    }
+}
+
+fn mount_event(args: &MountArgs, choice: Option<&unlock::Choice>) -> Event {
+    vault_event("mount", args, choice, None)
+}
+
+fn unlock_event(args: &MountArgs, choice: &unlock::Choice, container_id: Option<&[u8]>) -> Event {
+    vault_event("unlock", args, Some(choice), container_id)
 }
 
 /// `--wait`: poll until an enrolled token is plugged in. Other errors (pcscd
@@ -202,18 +244,37 @@ fn serve(
     } else {
         Access::ReadWrite
     };
-    let container = match Container::open(&args.vault, access) {
-        Err(e @ ContainerError::Locked { .. }) => return Err(already_mounted(&args.vault, e)),
-        other => other?,
+    let opened = match Container::open(&args.vault, access) {
+        Err(e @ ContainerError::Locked { .. }) => Err(already_mounted(&args.vault, e)),
+        other => other.map_err(anyhow::Error::from),
     };
+    let container = opened.inspect_err(|e| {
+        audit_cmd::record_failure(
+            mount_event(args, Some(&prepared.choice)).field("stage", "open"),
+            e,
+        )
+    })?;
+    let container_id = container.info().id;
     let last_try = if args.allow_last_pin_try {
         LastTry::Allow
     } else {
         LastTry::Refuse
     };
-    let (master_key, watch) =
-        unlock::unlock_and_watch(&container, &prepared.choice, &password, &pin, last_try)?;
+    let unlocked =
+        unlock::unlock_and_watch(&container, &prepared.choice, &password, &pin, last_try);
     drop((password, pin));
+    let unlock_event = unlock_event(args, &prepared.choice, Some(&container_id));
+    let (master_key, watch) = match unlocked {
+        Ok(unlocked) => {
+            audit_cmd::record(unlock_event.ok());
+            unlocked
+        }
+        Err(e) => {
+            let err = anyhow::Error::from(e);
+            audit_cmd::record_failure(unlock_event.field("stage", "unlock"), &err);
+            return Err(err);
+        }
+    };
     let options = daemon::ServeOptions {
         read_only: args.read_only,
         allow_other: args.allow_other,
@@ -221,24 +282,62 @@ fn serve(
         idle: args.idle,
     };
     let vault = args.vault.display().to_string();
-    let ended = daemon::serve(
+    let audit_event = |action: &str| {
+        vault_event(action, args, Some(&prepared.choice), Some(&container_id))
+            .field("mountpoint", prepared.mountpoint.display().to_string())
+            .field("read_only", args.read_only)
+    };
+    let mounted = std::cell::Cell::new(false);
+    let served = daemon::serve(
         container,
         master_key,
         &prepared.mountpoint,
         &prepared.choice,
         watch,
         &options,
-        |record| match ready {
-            Some(pipe) => pipe.ready(),
-            None => println!(
-                "Mounted {vault} at {} (token {}, key slot {}). Lock it with: keybound unmount {}",
-                record.mountpoint.display(),
-                prepared.choice.serial,
-                record.key_slot,
-                record.mountpoint.display()
-            ),
+        |record| {
+            mounted.set(true);
+            let event = audit_event("mount")
+                .field("allow_other", args.allow_other)
+                .field("idle_s", args.idle.map(|d| d.as_secs()));
+            audit_cmd::record(event.ok());
+            match ready {
+                Some(pipe) => pipe.ready(),
+                None => println!(
+                    "Mounted {vault} at {} (token {}, key slot {}). Lock it with: keybound unmount {}",
+                    record.mountpoint.display(),
+                    prepared.choice.serial,
+                    record.key_slot,
+                    record.mountpoint.display()
+                ),
+            }
         },
-    )?;
+    );
+    let ended = match served {
+        Ok(ended) => ended,
+        Err(e) => {
+            let err = anyhow::Error::from(e);
+            // Failing after the mount was up means failing while locking.
+            let action = if mounted.get() { "lock" } else { "mount" };
+            audit_cmd::record_failure(audit_event(action), &err);
+            return Err(err);
+        }
+    };
+    let token = TokenName::serial(prepared.choice.serial);
+    let action = match ended.reason {
+        LockReason::Unmounted => "unmount",
+        _ => "lock",
+    };
+    audit_cmd::record(
+        audit_event(action)
+            .reason(ended.reason.kind())
+            .field("detail", ended.reason.describe(Some(&token)))
+            .field(
+                "took_ms",
+                (ended.took.as_secs_f64() * 10_000.0).round() / 10.0,
+            )
+            .ok(),
+    );
     if args.diagnostic_linger {
         linger();
     }
@@ -289,6 +388,10 @@ fn spawn_daemon(
         .args(["--serial", &prepared.choice.serial.to_string()])
         .args(["--password-file", "/dev/fd/3", "--pin-file", "/dev/fd/4"])
         .args(["--ready-fd", "5"]);
+    // The daemon records unlock, mount and lock in the same audit log.
+    if let Ok(log) = keybound::audit::log_path() {
+        cmd.arg("--audit-log").arg(log);
+    }
     for (flag, on) in [
         ("--read-only", args.read_only),
         ("--allow-other", args.allow_other),
@@ -358,10 +461,12 @@ fn spawn_daemon(
         }
         Ready::Silent => {
             let status = child.wait()?;
-            bail!(
+            let err = anyhow::anyhow!(
                 "the mount daemon exited ({status}) without mounting; its log is {}",
                 log_path.display()
-            )
+            );
+            audit_cmd::record_failure(mount_event(args, Some(&prepared.choice)), &err);
+            Err(err)
         }
     }
 }
@@ -457,9 +562,17 @@ impl ReadyPipe {
 }
 
 pub fn unmount(args: UnmountArgs) -> Result<()> {
+    let mut event = request_event("unmount-request", &args.dir, None);
+    let result = unmount_inner(&args, &mut event);
+    audit_cmd::record_result(event, &result);
+    result
+}
+
+fn unmount_inner(args: &UnmountArgs, event: &mut Event) -> Result<()> {
     let path = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{} does not exist", args.dir.display()))?;
     let record = registry::find_by_mountpoint(&path);
+    *event = request_event("unmount-request", &path, record.as_ref());
     match mountpoint::mount_at(&path) {
         None if record.is_none() => bail!("{} is not a mounted keybound vault", path.display()),
         Some(m) if !daemon::is_keybound_entry(&m) => bail!(
@@ -520,7 +633,9 @@ fn wait_for_exit(pid: u32, timeout: Duration) -> Result<()> {
 /// errors, nothing stays cached) and wait until its keys are wiped.
 pub fn lock(args: LockArgs) -> Result<()> {
     let records = match &args.dir {
-        Some(dir) => vec![record_for_lock(dir)?],
+        Some(dir) => vec![record_for_lock(dir).inspect_err(|e| {
+            audit_cmd::record_failure(request_event("lock-request", dir, None), e)
+        })?],
         None => registry::list(),
     };
     if records.is_empty() {
@@ -529,7 +644,10 @@ pub fn lock(args: LockArgs) -> Result<()> {
     }
     let mut failed = 0;
     for record in records {
-        match lock_one(&record) {
+        let locked = lock_one(&record);
+        let event = request_event("lock-request", &record.mountpoint, Some(&record));
+        audit_cmd::record_result(event.field("all", args.all), &locked);
+        match locked {
             Ok(()) => println!(
                 "Locked {}: unmounted {}, keys wiped",
                 record.container.display(),
@@ -546,6 +664,28 @@ pub fn lock(args: LockArgs) -> Result<()> {
         bail!("{failed} vault(s) could not be locked");
     }
     Ok(())
+}
+
+/// An audit event for `keybound unmount` or `lock` on `mountpoint`: who asked
+/// (the daemon records the lock itself, with its reason).
+fn request_event(action: &str, mountpoint: &Path, record: Option<&registry::MountRecord>) -> Event {
+    let event = match record {
+        Some(r) => {
+            let event = Event::new(action, &r.container)
+                .slot(r.key_slot)
+                .field("daemon_pid", r.pid);
+            let event = match Container::inspect(&r.container) {
+                Ok(header) => event.container_id(&header.id),
+                Err(_) => event,
+            };
+            match r.token_serial {
+                Some(serial) => event.token(serial),
+                None => event,
+            }
+        }
+        None => Event::without_vault(action),
+    };
+    event.field("mountpoint", mountpoint.display().to_string())
 }
 
 fn record_for_lock(dir: &Path) -> Result<registry::MountRecord> {

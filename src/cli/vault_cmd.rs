@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use keybound::audit;
 use keybound::container::{Container, HeaderInfo, SlotKind};
 use keybound::session::{create, registry};
 use keybound::token::{LastTry, TokenPublicKey};
 
-use super::{exitcodes, prompt};
+use super::{audit_cmd, exitcodes, prompt};
 
 #[derive(Args)]
 pub struct CreateArgs {
@@ -66,6 +67,13 @@ pub struct StatusArgs {
 }
 
 pub fn create(args: CreateArgs) -> Result<()> {
+    let mut event = audit::Event::new("create", &args.vault);
+    let result = create_vault(&args, &mut event);
+    audit_cmd::record_result(event, &result);
+    result
+}
+
+fn create_vault(args: &CreateArgs, event: &mut audit::Event) -> Result<()> {
     if args.vault.exists() {
         return Err(exitcodes::Coded {
             code: exitcodes::EXISTS,
@@ -78,6 +86,10 @@ pub fn create(args: CreateArgs) -> Result<()> {
     }
     let binding = create::find_binding(args.serial, args.slot)?;
     let serial = binding.token.serial();
+    event.update(|e| {
+        e.token(serial)
+            .field("piv_slot", format!("{:02x}", binding.piv_slot))
+    });
     let password = prompt::new_secret(
         args.password_file.as_deref(),
         "vault password",
@@ -113,6 +125,14 @@ pub fn create(args: CreateArgs) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    event.update(|e| {
+        let e = e.container_id(&created.header.id);
+        match created.header.slots.first() {
+            Some(slot) => e.slot(slot.index),
+            None => e,
+        }
+        .field("fixed_size", created.header.fixed_size)
+    });
     if args.json {
         let report = serde_json::json!({
             "vault": created.vault,
