@@ -109,6 +109,11 @@ fn mount_inner(args: &MountArgs, ready: Option<&ReadyPipe>) -> Result<()> {
     let prepared = prepare(args).inspect_err(|e| {
         audit_cmd::record_failure(mount_event(args, None).field("stage", "check"), e)
     })?;
+    if args.foreground || ready.is_some() {
+        // The serving process: every page it will ever touch stays in RAM
+        // (keys, password, PIN, plaintext), checked before anything is typed.
+        keybound::secrets::lock_all_memory()?;
+    }
     let serial = prepared.choice.serial;
     let secrets_failed = |e: &anyhow::Error| {
         let event = unlock_event(args, &prepared.choice, None).field("stage", "secrets");
@@ -263,6 +268,8 @@ fn serve(
     let unlocked =
         unlock::unlock_and_watch(&container, &prepared.choice, &password, &pin, last_try);
     drop((password, pin));
+    // Unlocking left copies of the PIN, password hash and ECDH secret in dead stack frames.
+    keybound::secrets::scrub_stack();
     let unlock_event = unlock_event(args, &prepared.choice, Some(&container_id));
     let (master_key, watch) = match unlocked {
         Ok(unlocked) => {
@@ -338,6 +345,8 @@ fn serve(
             )
             .ok(),
     );
+    // The store and its keys are gone; so must be their traces on this stack.
+    keybound::secrets::scrub_stack();
     if args.diagnostic_linger {
         linger();
     }

@@ -26,6 +26,9 @@ const MAX_WRITE: u32 = 1 << 20;
 pub(crate) type SharedFs = Arc<Mutex<Option<Fs>>>;
 
 pub(crate) fn lock(fs: &SharedFs) -> MutexGuard<'_, Option<Fs>> {
+    // Every thread that reaches the filesystem handles plaintext (fuser's worker among
+    // them, which we do not start ourselves): wipe its stack when it ends.
+    crate::secrets::scrub_stack_at_thread_exit();
     fs.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -212,6 +212,8 @@ fn start_timer(fs: SharedFs) -> Timer {
 }
 
 fn commit_loop(fs: &SharedFs, stop: &(Mutex<bool>, Condvar)) {
+    // This thread handles plaintext: wipe its stack when it ends.
+    crate::secrets::scrub_stack_at_thread_exit();
     let (flag, cv) = stop;
     let mut stopped = flag.lock().unwrap_or_else(PoisonError::into_inner);
     while !*stopped {
