@@ -3,6 +3,7 @@
 
 use keybound::container::ContainerError;
 use keybound::session::SessionError;
+use keybound::session::admin::{AdminError, RecoveryKeyError};
 use keybound::session::tether::LockReason;
 use keybound::token::{Presence, TokenError};
 
@@ -64,6 +65,20 @@ pub const LOCKED_IDLE: i32 = 36;
 /// edited, removed, inserted or reordered, or the tail was cut).
 pub const AUDIT_TAMPERED: i32 = 40;
 
+// Admin commands (enroll, passwd, revoke, header, policy).
+/// The key slot has a temporary password (set by an admin): run `keybound passwd` first.
+pub const PASSWORD_CHANGE_REQUIRED: i32 = 41;
+/// Refused by the vault policy (password too short, token PIN policy).
+pub const POLICY_REFUSED: i32 = 42;
+/// A key-slot change refused: the last slot (without --force), no such slot,
+/// no free slot, a token enrolled already, a slot authorising its own change.
+pub const SLOT_REFUSED: i32 = 43;
+/// `header restore`: the file is not a header backup, belongs to another
+/// vault, or the vault's data area moved on since (without --force).
+pub const HEADER_MISMATCH: i32 = 44;
+/// A confirmation was needed and not given (no terminal and no --yes, or not "yes").
+pub const NOT_CONFIRMED: i32 = 45;
+
 /// The exit status of a mount daemon that locked for `reason`.
 pub fn for_lock_reason(reason: &LockReason) -> i32 {
     match reason {
@@ -121,7 +136,29 @@ pub fn for_container_error(err: &ContainerError) -> i32 {
         E::Exists { .. } => EXISTS,
         E::SlotUnwrap { .. } => WRONG_PASSWORD,
         E::Secret(_) => SECRET_INPUT,
+        E::LastSlot { .. } | E::NoSuchSlot { .. } | E::SlotInUse { .. } => SLOT_REFUSED,
+        E::BackupInvalid { .. } | E::BackupMismatch { .. } | E::BackupDataChanged { .. } => {
+            HEADER_MISMATCH
+        }
         _ => OTHER,
+    }
+}
+
+/// The exit code for an admin error.
+pub fn for_admin_error(err: &AdminError) -> i32 {
+    use AdminError as E;
+    match err {
+        E::Session(s) => for_session_error(s),
+        E::RecoveryKey(RecoveryKeyError::Secret(_)) => SECRET_INPUT,
+        E::RecoveryKey(RecoveryKeyError::Crypto(_)) => OTHER,
+        E::RecoveryKey(_) => WRONG_PASSWORD,
+        E::PasswordTooShort { .. } | E::PinPolicy { .. } => POLICY_REFUSED,
+        E::NoFreeSlot { .. }
+        | E::AlreadyEnrolled { .. }
+        | E::SelfAuthority { .. }
+        | E::NotATokenSlot { .. }
+        | E::NoRecoverySlot { .. }
+        | E::NoSuchSlot { .. } => SLOT_REFUSED,
     }
 }
 
@@ -138,6 +175,9 @@ pub fn for_session_error(err: &SessionError) -> i32 {
         E::TokenNotEnrolled { .. } | E::NoTokenSlot { .. } | E::NoKeyOnToken { .. } => NO_TOKEN,
         E::AmbiguousToken { .. } | E::SeveralKeysOnToken { .. } => AMBIGUOUS_TOKEN,
         E::NoFuse { .. } => NO_FUSE,
+        E::PasswordChangeRequired { .. } => PASSWORD_CHANGE_REQUIRED,
+        E::WrongRecoveryKey { .. } => WRONG_PASSWORD,
+        E::PasswordTooShort { .. } => POLICY_REFUSED,
         E::NeedsRecovery { .. } => NEEDS_RECOVERY,
         _ => OTHER,
     }
@@ -148,6 +188,9 @@ pub fn for_error(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(coded) = cause.downcast_ref::<Coded>() {
             return coded.code;
+        }
+        if let Some(a) = cause.downcast_ref::<AdminError>() {
+            return for_admin_error(a);
         }
         if let Some(s) = cause.downcast_ref::<SessionError>() {
             return for_session_error(s);

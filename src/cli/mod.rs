@@ -1,5 +1,6 @@
 //! The command line: the only layer that prints to or reads from a user.
 
+mod admin_cmd;
 mod audit_cmd;
 mod dumpkey_cmd;
 pub mod exitcodes;
@@ -51,6 +52,17 @@ pub enum Command {
     Info(vault_cmd::InfoArgs),
     /// Print the vault's master key (hex, on stdout) for disaster recovery; needs password + token.
     DumpKey(dumpkey_cmd::DumpKeyArgs),
+    /// Add a key slot: another token (plugged in, or from its certificate) or a recovery key.
+    Enroll(admin_cmd::EnrollArgs),
+    /// Change a key slot's password (its token + current password), or reset it as an admin.
+    Passwd(admin_cmd::PasswdArgs),
+    /// Remove a key slot (overwritten in both header copies).
+    Revoke(admin_cmd::RevokeArgs),
+    /// Back up or restore the vault's header (its key slots).
+    #[command(subcommand)]
+    Header(admin_cmd::HeaderCommand),
+    /// Show or set the vault policy: password length, Argon2id floor, PIN policy, idle default.
+    Policy(admin_cmd::PolicyArgs),
     /// The audit log: check its hash chain, show its entries.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -69,6 +81,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => vault_cmd::status(args),
         Command::Info(args) => vault_cmd::info(args),
         Command::DumpKey(args) => dumpkey_cmd::run(args),
+        Command::Enroll(args) => admin_cmd::enroll(args),
+        Command::Passwd(args) => admin_cmd::passwd(args),
+        Command::Revoke(args) => admin_cmd::revoke(args),
+        Command::Header(cmd) => admin_cmd::header(cmd),
+        Command::Policy(args) => admin_cmd::policy(args),
         Command::Audit(cmd) => audit_cmd::run(cmd),
     }
 }

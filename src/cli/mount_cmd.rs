@@ -63,6 +63,10 @@ pub struct MountArgs {
     /// until it is killed with SIGKILL, so its memory can be inspected.
     #[arg(long)]
     diagnostic_linger: bool,
+    /// Open with the recovery key from FILE (`-` for stdin) instead of a token:
+    /// runs in the foreground, untethered, and needs --idle (or a policy default).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["serial", "password_file", "pin_file", "wait"])]
+    recovery_key_file: Option<PathBuf>,
     /// Internal: the file descriptor a detached daemon reports readiness on.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -90,9 +94,26 @@ struct Prepared {
     choice: unlock::Choice,
 }
 
-pub fn mount(args: MountArgs) -> Result<()> {
+pub fn mount(mut args: MountArgs) -> Result<()> {
     let ready = args.ready_fd.map(ReadyPipe::from_fd);
-    match mount_inner(&args, ready.as_ref()) {
+    // ---- admin hooks (src/cli/admin_cmd.rs): the vault policy's idle default
+    // when --idle is not given, and mounts with the recovery key. ----
+    let mut run = || -> Result<()> {
+        args.idle = super::admin_cmd::idle_default(&args.vault, args.idle)?;
+        if args.recovery_key_file.is_some() {
+            return super::admin_cmd::mount_recovery(super::admin_cmd::RecoveryMount {
+                vault: &args.vault,
+                dir: &args.dir,
+                key_file: args.recovery_key_file.as_deref(),
+                read_only: args.read_only,
+                allow_other: args.allow_other,
+                idle: args.idle,
+            });
+        }
+        mount_inner(&args, ready.as_ref())
+    };
+    // ---- end of admin hooks ----
+    match run() {
         Ok(()) => Ok(()),
         Err(err) => {
             if let Some(pipe) = &ready {
@@ -148,6 +169,8 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     } else {
         unlock::choose_slot(&args.vault, &header, args.serial)?
     };
+    // Admin hook: a temporary password (set by an admin) must be changed first.
+    super::admin_cmd::check_mountable(&args.vault, &choice.slot)?;
     Ok(Prepared { mountpoint, choice })
 }
 

@@ -247,11 +247,21 @@ fn print_header(vault: &std::path::Path, h: &HeaderInfo) {
             SlotKind::Recovery => "recovery key".to_string(),
         };
         println!(
-            "    {}  {what}; label {:?}, created {}",
+            "    {}  {what}; label {:?}, created {}{}",
             slot.index,
             slot.label,
-            format_time(slot.created)
+            format_time(slot.created),
+            if slot.flags.must_change_password {
+                "; TEMPORARY password (must be changed: keybound passwd)"
+            } else {
+                ""
+            }
         );
+    }
+    // Admin: the vault policy (src/cli/admin_cmd.rs).
+    println!("  policy");
+    for line in super::admin_cmd::policy_lines(&h.policy) {
+        println!("    {line}");
     }
 }
 
@@ -308,10 +318,15 @@ fn tether_state(
     m: &registry::MountRecord,
     present: &Result<Vec<keybound::token::PresentToken>, keybound::token::TokenError>,
 ) -> String {
-    let token = m
-        .token_serial
-        .map(|s| format!("token {s}"))
-        .unwrap_or_else(|| "no token".into());
+    let Some(serial) = m.token_serial else {
+        // Admin: a mount opened with the recovery key (src/session/admin/untethered.rs).
+        return format!(
+            "UNTETHERED (opened with the recovery key): locks on `keybound lock`, signals and \
+             after {} s idle",
+            m.idle_lock_secs.unwrap_or_default()
+        );
+    };
+    let token = format!("token {serial}");
     let reader = m.reader.as_deref().unwrap_or("its reader");
     let mut state = match present {
         Ok(tokens) if token_present(m, tokens) => {

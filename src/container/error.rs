@@ -70,6 +70,35 @@ pub enum ContainerError {
     #[error("key slot {index} is the last one of {}; removing it would lock the vault forever", path.display())]
     LastSlot { path: PathBuf, index: u8 },
 
+    #[error("{} is not a keybound header backup: {reason}", path.display())]
+    BackupInvalid { path: PathBuf, reason: String },
+
+    #[error(
+        "the header backup {} belongs to container {backup_id}, not to {} ({vault_id}); \
+         refusing to restore it",
+        backup.display(),
+        path.display()
+    )]
+    BackupMismatch {
+        path: PathBuf,
+        backup: PathBuf,
+        vault_id: String,
+        backup_id: String,
+    },
+
+    #[error(
+        "the data area of {} changed since the header backup {} was made ({detail}); restoring \
+         it would make what was written since unreadable. Restore only if the current header is \
+         lost anyway, with --force",
+        path.display(),
+        backup.display()
+    )]
+    BackupDataChanged {
+        path: PathBuf,
+        backup: PathBuf,
+        detail: String,
+    },
+
     #[error("invalid key slot: {0}")]
     InvalidSlot(String),
 

@@ -198,6 +198,17 @@ fn mac_input(b: &[u8]) -> Vec<u8> {
     input
 }
 
+/// A valid raw header copy moved to position `copy` (0 = A, 1 = B): only
+/// the copy index and the checksum change; the MAC does not cover the index,
+/// so it stays valid. For header backups and restores.
+pub(crate) fn reindex(raw: &[u8], copy: usize) -> Vec<u8> {
+    let mut b = raw[..HEADER_COPY_SIZE].to_vec();
+    b[H_COPY_INDEX] = copy as u8;
+    let sum = Sha256::digest(&b[..H_CHECKSUM]);
+    b[H_CHECKSUM..].copy_from_slice(&sum);
+    b
+}
+
 /// Check the keyed MAC of a raw header copy.
 pub(crate) fn verify_mac(raw: &[u8], mac: &HeaderMac) -> bool {
     raw.len() >= HEADER_COPY_SIZE

@@ -12,6 +12,7 @@
 //! Nothing here reads a password or talks to a token: the session layer
 //! derives key-encryption keys and hands them in.
 
+mod backup;
 mod cache;
 mod error;
 mod header;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use ring::rand::SecureRandom;
 use serde::Serialize;
 
+pub use backup::{BACKUP_LEN, RestoreReport, inspect_backup, restore_header};
 pub use error::ContainerError;
 pub use header::Policy;
 pub use layout::SECTOR_SIZE;
@@ -315,27 +317,7 @@ impl Container {
                 actual_bytes: file_len,
             });
         }
-        let info = HeaderInfo {
-            version: FORMAT_VERSION,
-            id: header.id,
-            generation: header.generation,
-            fixed_size: header
-                .fixed()
-                .then(|| file_len_for_sectors(header.capacity)),
-            store_len: header.store_len,
-            extent_sectors: header.extent,
-            file_len,
-            copy_used: if used == 0 {
-                HeaderCopy::A
-            } else {
-                HeaderCopy::B
-            },
-            other_copy_damaged: !other_valid,
-            key_epoch: header.epoch,
-            seal_budget_reserved: header.seal_reserve,
-            policy: header.policy,
-            slots: header.slot_infos(),
-        };
+        let info = header_info(&header, used, other_valid, file_len);
         Ok(Container {
             path: path.to_path_buf(),
             file,
@@ -441,27 +423,80 @@ impl Container {
     /// Write `slot` into an empty slot (enrol a token, add a recovery key).
     /// Needs the master key: the header MAC is checked and rewritten.
     pub fn add_slot(&mut self, mk: &MasterKey, slot: NewSlot) -> Result<(), ContainerError> {
+        self.add_slot_with_flags(mk, slot, SlotFlags::default())
+    }
+
+    /// [`Self::add_slot`] with slot flags (an enrolment with a temporary
+    /// password sets `must_change_password`).
+    pub fn add_slot_with_flags(
+        &mut self,
+        mk: &MasterKey,
+        slot: NewSlot,
+        flags: SlotFlags,
+    ) -> Result<(), ContainerError> {
         if usize::from(slot.index) < SLOT_COUNT && self.used_slot(slot.index).is_ok() {
             return Err(ContainerError::SlotInUse {
                 path: self.path.clone(),
                 index: slot.index,
             });
         }
-        let bytes = slot::encode(&self.header.id, &slot, mk, now_unix())?;
+        let bytes = slot::encode_with_flags(&self.header.id, &slot, mk, now_unix(), flags)?;
         self.rewrite(mk, |h| h.set_slot_bytes(usize::from(slot.index), &bytes))
     }
 
-    /// Empty slot `index` (revoke a token). The last slot cannot be removed.
+    /// Overwrite the slot in use at `slot.index` (a new password for it),
+    /// in both header copies, so the old wrapping is gone from the file.
+    pub fn replace_slot(
+        &mut self,
+        mk: &MasterKey,
+        slot: NewSlot,
+        flags: SlotFlags,
+    ) -> Result<(), ContainerError> {
+        self.used_slot(slot.index)?;
+        let bytes = slot::encode_with_flags(&self.header.id, &slot, mk, now_unix(), flags)?;
+        self.rewrite(mk, |h| h.set_slot_bytes(usize::from(slot.index), &bytes))?;
+        self.rewrite(mk, |_| {})
+    }
+
+    /// Empty slot `index` (revoke a token) in both header copies: its bytes
+    /// are overwritten with random ones in A and in B. The last slot cannot
+    /// be removed.
     pub fn remove_slot(&mut self, mk: &MasterKey, index: u8) -> Result<(), ContainerError> {
+        self.remove_slot_inner(mk, index, false)
+    }
+
+    /// [`Self::remove_slot`], even the last one: afterwards nothing in the
+    /// file opens the vault (`keybound revoke --force`).
+    pub fn remove_slot_even_last(
+        &mut self,
+        mk: &MasterKey,
+        index: u8,
+    ) -> Result<(), ContainerError> {
+        self.remove_slot_inner(mk, index, true)
+    }
+
+    fn remove_slot_inner(
+        &mut self,
+        mk: &MasterKey,
+        index: u8,
+        allow_last: bool,
+    ) -> Result<(), ContainerError> {
         self.used_slot(index)?;
-        if self.info.slots.len() == 1 {
+        if self.info.slots.len() == 1 && !allow_last {
             return Err(ContainerError::LastSlot {
                 path: self.path.clone(),
                 index,
             });
         }
         let bytes = slot::empty()?;
-        self.rewrite(mk, |h| h.set_slot_bytes(usize::from(index), &bytes))
+        self.rewrite(mk, |h| h.set_slot_bytes(usize::from(index), &bytes))?;
+        // The other copy still holds the slot: write it too.
+        self.rewrite(mk, |_| {})
+    }
+
+    /// Store a new vault policy (FORMAT.md §1; the session layer enforces it).
+    pub fn set_policy(&mut self, mk: &MasterKey, policy: Policy) -> Result<(), ContainerError> {
+        self.rewrite(mk, |h| h.policy = policy)
     }
 
     /// Verify the MAC, change the header, write it by the A/B rule and
@@ -493,6 +528,31 @@ impl Container {
         self.used = fresh.used;
         self.info = fresh.info;
         Ok(())
+    }
+}
+
+/// What `header` (copy `used`) says, for a file of `file_len` bytes.
+fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -> HeaderInfo {
+    HeaderInfo {
+        version: FORMAT_VERSION,
+        id: header.id,
+        generation: header.generation,
+        fixed_size: header
+            .fixed()
+            .then(|| file_len_for_sectors(header.capacity)),
+        store_len: header.store_len,
+        extent_sectors: header.extent,
+        file_len,
+        copy_used: if used == 0 {
+            HeaderCopy::A
+        } else {
+            HeaderCopy::B
+        },
+        other_copy_damaged: !other_valid,
+        key_epoch: header.epoch,
+        seal_budget_reserved: header.seal_reserve,
+        policy: header.policy,
+        slots: header.slot_infos(),
     }
 }
 

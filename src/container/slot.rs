@@ -148,6 +148,18 @@ pub(crate) fn encode(
     mk: &MasterKey,
     created: u64,
 ) -> Result<Vec<u8>, ContainerError> {
+    encode_with_flags(id, slot, mk, created, SlotFlags::default())
+}
+
+/// [`encode`] with `flags` (e.g. a temporary password set by an admin). The
+/// flags byte is in the AAD, so it cannot be cleared without the KEK.
+pub(crate) fn encode_with_flags(
+    id: &[u8; CONTAINER_ID_LEN],
+    slot: &NewSlot,
+    mk: &MasterKey,
+    created: u64,
+    flags: SlotFlags,
+) -> Result<Vec<u8>, ContainerError> {
     check_new(slot)?;
     let mut b = vec![0u8; SLOT_SIZE];
     fill_random(&mut b[S_RESERVED_TAIL..])?;
@@ -170,7 +182,7 @@ pub(crate) fn encode(
         }
         NewSlotKind::Recovery => b[S_KIND] = SLOT_KIND_RECOVERY,
     }
-    b[S_FLAGS] = SlotFlags::default().to_byte();
+    b[S_FLAGS] = flags.to_byte();
     b[S_SALT..][..SALT_LEN].copy_from_slice(&slot.salt);
     b[S_CREATED..][..8].copy_from_slice(&created.to_le_bytes());
     b[S_LABEL..][..slot.label.len()].copy_from_slice(slot.label.as_bytes());
@@ -361,6 +373,22 @@ mod tests {
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(unwrap(&id, 0, &b, &kek(1)).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn must_change_flag_round_trips_and_is_authenticated() {
+        let id = [5u8; 16];
+        let mk = MasterKey::generate().unwrap();
+        let flags = SlotFlags {
+            must_change_password: true,
+        };
+        let bytes = encode_with_flags(&id, &token_slot(1), &mk, 1, flags).unwrap();
+        assert_eq!(bytes[S_FLAGS], SLOT_FLAG_CHANGE_PASSWORD);
+        assert_eq!(decode(1, &bytes).unwrap().unwrap().flags, flags);
+        let mut cleared = bytes.clone();
+        cleared[S_FLAGS] = 0;
+        assert!(unwrap(&id, 1, &cleared, &kek(1)).is_err());
+        unwrap(&id, 1, &bytes, &kek(1)).unwrap();
     }
 
     #[test]

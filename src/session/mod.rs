@@ -5,6 +5,7 @@
 //! drives the token and the container, builds the filesystem on the unlocked
 //! store and hands it to the FUSE adapter. Nothing here prints.
 
+pub mod admin;
 pub mod create;
 pub mod daemon;
 pub mod mountpoint;
@@ -77,6 +78,18 @@ pub enum SessionError {
     NoKeyOnToken { serial: u32 },
     #[error("token {serial} has several keybound keys (slots {slots}); choose one with --slot")]
     SeveralKeysOnToken { serial: u32, slots: String },
+    #[error(
+        "key slot {slot} of {vault} has a temporary password set by an admin; change it \
+         first: keybound passwd {vault} --slot {slot} (needs the token and the temporary password)",
+        vault = vault.display()
+    )]
+    PasswordChangeRequired { vault: PathBuf, slot: u8 },
+    #[error(
+        "the recovery key does not open {vault} (no recovery key slot accepts it); check it \
+         for typos",
+        vault = vault.display()
+    )]
+    WrongRecoveryKey { vault: PathBuf },
     #[error("the password must be at least {min} characters long")]
     PasswordTooShort { min: usize },
     #[error(

@@ -91,7 +91,27 @@ pub fn unlock(
 
 /// [`unlock`], and a presence watch on the token that unlocked, started
 /// before its PIN is checked so that a swap of cards in between is seen.
+/// A slot whose password an admin set (must be changed) is refused before
+/// the PIN is touched: only `keybound passwd` opens it ([`unlock_slot`]).
 pub fn unlock_and_watch(
+    container: &Container,
+    choice: &Choice,
+    password: &SecretBytes,
+    pin: &Pin,
+    last_try: LastTry,
+) -> Result<(MasterKey, Watch), SessionError> {
+    if choice.slot.flags.must_change_password {
+        return Err(SessionError::PasswordChangeRequired {
+            vault: container.path().to_path_buf(),
+            slot: choice.slot.index,
+        });
+    }
+    unlock_slot(container, choice, password, pin, last_try)
+}
+
+/// [`unlock_and_watch`] without the temporary-password check, for
+/// `keybound passwd`, which is how such a slot gets its own password.
+pub fn unlock_slot(
     container: &Container,
     choice: &Choice,
     password: &SecretBytes,
