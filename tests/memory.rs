@@ -181,6 +181,9 @@ fn locked_daemon_holds_no_key_and_no_plaintext() {
 
     assert_ok(&fx.mount(&["--diagnostic-linger"]));
     let pid = fx.daemon_pid();
+    // A lingering daemon only ends with SIGKILL: make sure a failed assertion
+    // below does not leave it running.
+    let _reaper = KillOnDrop(pid);
 
     // Plaintext through the mount: written, made durable, dropped from the
     // kernel's page cache and read back, so the daemon handled it both ways.
@@ -261,4 +264,14 @@ fn locked_daemon_holds_no_key_and_no_plaintext() {
         "canary damaged after remount"
     );
     assert_ok(&fx.unmount());
+}
+
+/// SIGKILLs a process when dropped (the lingering daemon ignores everything else).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill sends a signal; ESRCH (already gone) is fine.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
 }

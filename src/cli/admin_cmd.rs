@@ -24,7 +24,7 @@ use keybound::session::admin::{
     self, Authority, Credentials, Enrolment, KdfTarget, PIN_POLICY_ALWAYS, PIN_POLICY_ONCE,
     recovery,
 };
-use keybound::session::{create, registry};
+use keybound::session::{create, daemon, registry};
 use keybound::token::{self, LastTry, TokenPublicKey};
 
 use super::{exitcodes, prompt};
@@ -975,6 +975,8 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
         Err(e @ ContainerError::Locked { .. }) => return Err(in_use(m.vault, e)),
         other => other?,
     };
+    // As every serving process: all memory locked before the key is read.
+    keybound::secrets::lock_all_memory()?;
     let key = read_recovery_key(m.key_file)?;
     let (mk, slot) = match admin::unlock_recovery(&container, &key) {
         Ok(ok) => ok,
@@ -984,6 +986,7 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
         }
     };
     drop(key);
+    keybound::secrets::scrub_stack();
     // AUDIT: unlocked with the recovery key (vault, slot): untethered mount
     let options = keybound::session::daemon::ServeOptions {
         read_only: m.read_only,
@@ -992,7 +995,7 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
         idle: Some(idle),
     };
     let vault = m.vault.display().to_string();
-    let ended = admin::serve_untethered(container, mk, &mountpoint, slot, &options, |record| {
+    let ended = daemon::serve(container, mk, &mountpoint, slot, None, &options, |record| {
         println!(
             "Mounted {vault} at {} with the recovery key (key slot {slot}). UNTETHERED: no token \
              locks it; it locks after {} s idle, on `keybound lock {}`, Ctrl-C or when this \
@@ -1003,6 +1006,7 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
         );
         let _ = std::io::stdout().flush();
     })?;
+    keybound::secrets::scrub_stack();
     // AUDIT: recovery mount ended (vault, reason)
     match ended.reason {
         keybound::session::tether::LockReason::Unmounted => Ok(()),

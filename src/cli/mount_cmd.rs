@@ -322,8 +322,11 @@ fn serve(
         container,
         master_key,
         &prepared.mountpoint,
-        &prepared.choice,
-        watch,
+        prepared.choice.slot.index,
+        Some(daemon::Tether {
+            serial: prepared.choice.serial,
+            watch,
+        }),
         &options,
         |record| {
             mounted.set(true);

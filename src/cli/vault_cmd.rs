@@ -319,7 +319,7 @@ fn tether_state(
     present: &Result<Vec<keybound::token::PresentToken>, keybound::token::TokenError>,
 ) -> String {
     let Some(serial) = m.token_serial else {
-        // Admin: a mount opened with the recovery key (src/session/admin/untethered.rs).
+        // Admin: a mount opened with the recovery key (daemon::serve without a tether).
         return format!(
             "UNTETHERED (opened with the recovery key): locks on `keybound lock`, signals and \
              after {} s idle",

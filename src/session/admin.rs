@@ -16,12 +16,9 @@
 //! elsewhere, and the user's passwd never needs more than one card ECDH.
 
 pub mod recovery;
-mod untethered;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-pub use untethered::serve_untethered;
 
 use super::SessionError;
 use super::create::{Binding, MIN_PASSWORD_LEN};

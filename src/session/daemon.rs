@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use super::registry::{self, MountRecord};
 use super::storage::EncryptedStorage;
 use super::tether::{self, LockReason, Signals, Trigger};
-use super::unlock::Choice;
 use super::{SessionError, mountpoint};
 use crate::container::Container;
 use crate::crypto::MasterKey;
@@ -27,6 +26,12 @@ pub struct ServeOptions {
     pub idle: Option<Duration>,
 }
 
+/// What a mount is tethered to: the token that unlocked it, watched in its reader.
+pub struct Tether {
+    pub serial: u32,
+    pub watch: Watch,
+}
+
 /// How the mount ended.
 #[derive(Debug, Clone)]
 pub struct Ended {
@@ -39,20 +44,29 @@ pub struct Ended {
 /// How often the daemon checks for an outside unmount and the idle clock.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Mount `container` (unlocked with `master_key`) on `mountpoint` and serve it
-/// until it is unmounted or locks. `watch` is the token's presence watch (the
-/// tether); `ready` is called once the mount is usable.
+/// Mount `container` (unlocked with `master_key` from key slot `key_slot`) on
+/// `mountpoint` and serve it until it is unmounted or locks. `tether` is the
+/// token's presence watch; without one (a recovery-key mount) `options.idle`
+/// is required. `ready` is called once the mount is usable.
 pub fn serve(
     container: Container,
     master_key: MasterKey,
     mountpoint: &Path,
-    choice: &Choice,
-    watch: Watch,
+    key_slot: u8,
+    tether: Option<Tether>,
     options: &ServeOptions,
     ready: impl FnOnce(&MountRecord),
 ) -> Result<Ended, SessionError> {
     let vault = std::fs::canonicalize(container.path()).unwrap_or(container.path().to_path_buf());
-    let reader = watch.reader().to_string();
+    if tether.is_none() && options.idle.is_none() {
+        // Fail closed: something must be able to lock a mount nobody watches.
+        return Err(SessionError::Io {
+            what: format!("serving {} without a token", vault.display()),
+            source: std::io::Error::other("a mount tethered to no token needs an idle limit"),
+        });
+    }
+    let serial = tether.as_ref().map(|t| t.serial);
+    let reader = tether.as_ref().map(|t| t.watch.reader());
     let store = container.into_store(master_key)?;
     let storage = std::sync::Arc::new(EncryptedStorage::new(store));
     let fs = Fs::open(storage, options.read_only).map_err(|e| match e {
@@ -83,18 +97,20 @@ pub fn serve(
             source,
         })?;
     let (tx, triggers) = mpsc::channel();
-    tether::spawn_token_watch(watch, tx.clone());
+    if let Some(t) = tether {
+        tether::spawn_token_watch(t.watch, tx.clone());
+    }
     signals.spawn(tx);
     let record = MountRecord {
         pid: std::process::id(),
         container: vault.clone(),
         mountpoint: mountpoint.to_path_buf(),
-        key_slot: choice.slot.index,
-        token_serial: Some(choice.serial),
+        key_slot,
+        token_serial: serial,
         read_only: options.read_only,
         since: registry::now(),
         log: options.log.clone(),
-        reader: Some(reader),
+        reader,
         idle_lock_secs: options.idle.map(|d| d.as_secs()),
     };
     let registration = registry::register(&record).map_err(|source| SessionError::Io {
@@ -107,12 +123,20 @@ pub fn serve(
     if let Err(e) = &registration {
         tracing::warn!("{e}; `keybound status` will not list this mount");
     }
-    tracing::info!(vault = %vault.display(), mountpoint = %mountpoint.display(), "mounted");
+    match serial {
+        Some(serial) => tracing::info!(
+            vault = %vault.display(), mountpoint = %mountpoint.display(), serial, "mounted"
+        ),
+        None => tracing::warn!(
+            vault = %vault.display(), mountpoint = %mountpoint.display(),
+            "mounted untethered (recovery key): locks only on `keybound lock`, signals and idle"
+        ),
+    }
     ready(&record);
 
     let trigger = wait_for_trigger(&handle, &triggers, options.idle);
-    let token = TokenName::serial(choice.serial);
-    let why = trigger.reason.describe(Some(&token));
+    let token = serial.map(TokenName::serial);
+    let why = trigger.reason.describe(token.as_ref());
     if trigger.reason != LockReason::Unmounted {
         tracing::info!(reason = %why, "locking");
     }

@@ -8,6 +8,7 @@ pub mod vault;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -121,8 +122,8 @@ impl SoftCard {
         // to start explains itself in the panic message.
         let log_path = state.with_extension("log");
         let log = File::create(&log_path).expect("create the softcard log");
-        let mut child = Command::new(SOFTCARD_BIN)
-            .arg("--state")
+        let mut cmd = Command::new(SOFTCARD_BIN);
+        cmd.arg("--state")
             .arg(state)
             .arg("--serial")
             .arg(serial.to_string())
@@ -130,9 +131,19 @@ impl SoftCard {
             .arg(reader.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start keybound-softcard");
+            .stderr(log);
+        // A test process that dies (a timeout, Ctrl-C) must not leave its card in
+        // the reader for the next test: the card goes with the thread that made it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("start keybound-softcard");
         let what = format!("pcscd to see the card in {}", reader_name(reader));
         wait_until(&what, Duration::from_secs(10), || {
             if let Ok(Some(status)) = child.try_wait() {
