@@ -239,6 +239,41 @@ fn pcscd_going_away_locks_fail_closed() {
 }
 
 #[test]
+fn pcscd_that_stops_answering_locks_too() {
+    let fx = Fixture::new(40000009);
+    assert_ok(&fx.create(&[]));
+    let daemon = fx.mount_foreground(&[]);
+    let pcscd = pcscd_pids();
+    assert!(!pcscd.is_empty(), "no pcscd");
+    signal_all(&pcscd, libc::SIGSTOP);
+    let started = Instant::now();
+    let result = wait_daemon(daemon, Duration::from_secs(15));
+    let waited = started.elapsed();
+    signal_all(&pcscd, libc::SIGCONT);
+    let (code, err) = result;
+    assert_locked(&fx, code, &err, &[LOCKED_PCSCD_GONE], &["pcscd"]);
+    eprintln!("a frozen pcscd was noticed after {waited:?}");
+}
+
+fn pcscd_pids() -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-x", "pcscd"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn signal_all(pids: &[i32], sig: i32) {
+    for &pid in pids {
+        // SAFETY: signalling pcscd, which the test harness runs.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+#[test]
 fn another_card_in_the_reader_locks() {
     let mut fx = Fixture::new(40000005);
     assert_ok(&fx.create(&[]));
@@ -287,7 +322,13 @@ fn keybound_lock_cuts_off_an_open_file_where_unmount_refuses() {
     drop(held);
     assert_eq!(reopen_and_read(&mut fx, "open"), pattern(100_000, 1));
 
-    // `lock --all` with nothing mounted says so and succeeds.
+    // `lock --all` locks what is mounted (here, the daemon is detached), and
+    // with nothing mounted says so and succeeds.
+    assert_ok(&fx.mount(&[]));
+    let all = fx.run(&["lock", "--all"]);
+    assert_ok(&all);
+    assert!(stdout(&all).contains("keys wiped"), "{}", stdout(&all));
+    assert!(!fx.is_mounted());
     let none = fx.run(&["lock", "--all"]);
     assert_ok(&none);
     assert!(stdout(&none).contains("No vault is mounted"));
