@@ -213,6 +213,7 @@ pub fn error_kind(code: i32) -> &'static str {
         C::NO_FUSE => "no-fuse",
         C::EXISTS => "exists",
         C::MOUNT_BUSY => "mount-busy",
+        C::NEEDS_RECOVERY => "needs-recovery",
         C::AUDIT_TAMPERED => "audit-tampered",
         _ => "other",
     }
