@@ -215,6 +215,11 @@ pub fn error_kind(code: i32) -> &'static str {
         C::MOUNT_BUSY => "mount-busy",
         C::NEEDS_RECOVERY => "needs-recovery",
         C::AUDIT_TAMPERED => "audit-tampered",
+        C::PASSWORD_CHANGE_REQUIRED => "password-change-required",
+        C::POLICY_REFUSED => "policy-refused",
+        C::SLOT_REFUSED => "slot-refused",
+        C::HEADER_MISMATCH => "header-mismatch",
+        C::NOT_CONFIRMED => "not-confirmed",
         _ => "other",
     }
 }
