@@ -224,7 +224,7 @@ fn pcscd_going_away_locks_fail_closed() {
     fs::write(fx.mnt.join("kept"), b"before pcscd died").unwrap();
     File::open(fx.mnt.join("kept")).unwrap().sync_all().unwrap();
 
-    stop_pcscd();
+    common::stop_pcscd();
     let result = wait_daemon(daemon, Duration::from_secs(15));
     common::ensure_pcscd();
     let (code, err) = result;
@@ -372,16 +372,7 @@ fn mount_wait_waits_for_the_token() {
     assert_ok(&fx.create(&[]));
     fx.card().pull();
     let mut waiting = fx
-        .command(&[
-            "mount",
-            fx.vault.to_str().unwrap(),
-            fx.mnt.to_str().unwrap(),
-            "--password-file",
-            fx.password.to_str().unwrap(),
-            "--pin-file",
-            fx.pin.to_str().unwrap(),
-            "--wait",
-        ])
+        .mount_command(&fx.password, &fx.pin, &["--wait"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -393,16 +384,4 @@ fn mount_wait_waits_for_the_token() {
     assert!(status.success(), "{status}");
     assert!(fx.is_mounted());
     assert_ok(&fx.unmount());
-}
-
-fn stop_pcscd() {
-    let _ = Command::new("pkill").args(["-x", "pcscd"]).status();
-    common::wait_until("pcscd to stop", Duration::from_secs(10), || {
-        !Command::new("pgrep")
-            .args(["-x", "pcscd"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    });
 }

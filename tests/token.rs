@@ -475,7 +475,7 @@ fn watch_fails_closed_when_pcscd_goes_away() {
         Presence::Present
     );
 
-    stop_pcscd();
+    common::stop_pcscd();
     let event = wait_for_lock_event(&mut watch);
     let spawned_event = loop {
         let e = keybound::token::next_event(&rx, Duration::from_millis(200));
@@ -491,24 +491,12 @@ fn watch_fails_closed_when_pcscd_goes_away() {
     assert!(spawned_event.must_lock(), "{spawned_event:?}");
 }
 
-fn stop_pcscd() {
-    let _ = Command::new("pkill").args(["-x", "pcscd"]).status();
-    common::wait_until("pcscd to stop", Duration::from_secs(10), || {
-        !Command::new("pgrep")
-            .args(["-x", "pcscd"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    });
-}
-
 /// pcscd with an empty reader configuration; the normal pcscd comes back on drop.
 struct PcscdWithoutReaders;
 
 impl PcscdWithoutReaders {
     fn start(env: &Env) -> Self {
-        stop_pcscd();
+        common::stop_pcscd();
         let empty = env.path("no-readers.conf.d");
         std::fs::create_dir_all(&empty).unwrap();
         let status = Command::new("pcscd").arg("--config").arg(&empty).status();
@@ -527,7 +515,7 @@ impl PcscdWithoutReaders {
 
 impl Drop for PcscdWithoutReaders {
     fn drop(&mut self) {
-        stop_pcscd();
+        common::stop_pcscd();
         common::ensure_pcscd();
     }
 }

@@ -207,15 +207,7 @@ fn wrong_secrets_and_missing_or_foreign_tokens_are_refused_without_change() {
     assert_fails(&fx.mount(&[]), NO_TOKEN, &["no PIV token"]);
     // No smart-card service.
     let out = fx
-        .command(&[
-            "mount",
-            fx.vault.to_str().unwrap(),
-            fx.mnt.to_str().unwrap(),
-            "--password-file",
-            fx.password.to_str().unwrap(),
-            "--pin-file",
-            fx.pin.to_str().unwrap(),
-        ])
+        .mount_command(&fx.password, &fx.pin, &[])
         .env("PCSCLITE_CSOCK_NAME", "/nonexistent/pcscd.comm")
         .output()
         .unwrap();

@@ -178,7 +178,7 @@ fn connection_id(mountpoint: &Path) -> Option<u64> {
 }
 
 /// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
+pub(crate) fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -99,6 +99,20 @@ pub fn card_present(index: u8) -> bool {
     states[0].event_state().contains(pcsc::State::PRESENT)
 }
 
+/// Stop pcscd (every instance) and wait until it is gone; [`ensure_pcscd`]
+/// brings it back.
+pub fn stop_pcscd() {
+    let _ = Command::new("pkill").args(["-x", "pcscd"]).status();
+    wait_until("pcscd to stop", Duration::from_secs(10), || {
+        !Command::new("pgrep")
+            .args(["-x", "pcscd"])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
+}
+
 /// Wait until the reader shows (or stops showing) a card; panics after `timeout`.
 pub fn wait_for_card(index: u8, present: bool, timeout: Duration) {
     let state = if present { "occupied" } else { "empty" };

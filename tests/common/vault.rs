@@ -74,6 +74,8 @@ impl Fixture {
         cmd.args(args)
             .env_remove("RUST_LOG")
             .env("KEYBOUND_RUNTIME_DIR", self.dir.path().join("run"))
+            // Tests run as root: keep their entries out of /var/log/keybound.
+            .env("KEYBOUND_AUDIT_LOG", self.dir.path().join("audit.log"))
             .stdin(Stdio::null());
         cmd
     }
@@ -100,6 +102,13 @@ impl Fixture {
     }
 
     pub fn mount_with(&self, password: &Path, pin: &Path, extra: &[&str]) -> Output {
+        self.mount_command(password, pin, extra)
+            .output()
+            .expect("run keybound mount")
+    }
+
+    /// `keybound mount VAULT MNT --password-file … --pin-file … EXTRA`, not run yet.
+    pub fn mount_command(&self, password: &Path, pin: &Path, extra: &[&str]) -> Command {
         let mut args = vec![
             "mount",
             self.vault.to_str().unwrap(),
@@ -110,25 +119,16 @@ impl Fixture {
             pin.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.run(&args)
+        self.command(&args)
     }
 
     /// `keybound mount -f` as a child of the test, so its exit status (why the
     /// vault locked) can be read; returns once the mount is up.
     pub fn mount_foreground(&self, extra: &[&str]) -> Child {
-        let mut args = vec![
-            "mount",
-            "-f",
-            self.vault.to_str().unwrap(),
-            self.mnt.to_str().unwrap(),
-            "--password-file",
-            self.password.to_str().unwrap(),
-            "--pin-file",
-            self.pin.to_str().unwrap(),
-        ];
+        let mut args = vec!["-f"];
         args.extend_from_slice(extra);
         let mut child = self
-            .command(&args)
+            .mount_command(&self.password, &self.pin, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
