@@ -20,7 +20,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
 
 use zeroize::Zeroize;
 
@@ -37,6 +38,19 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// Sectors sealed or opened per `pwrite`/`pread` at most (1 MiB of
 /// plaintext), bounding the buffers a large request needs.
 const IO_CHUNK_SECTORS: u64 = 256;
+
+/// Writes of at most this many pages (redb's btree pages, its header) go into
+/// the cache; larger ones (file data) only evict what they overwrite, so a
+/// stream of data does not push the metadata out of the cache.
+const CACHE_WRITE_PAGES: usize = 4;
+
+/// Written bytes after which the writeback thread asks the kernel to start
+/// writing the container's dirty pages out.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Nonces drawn from the system's random source at once (one `getrandom`
+/// per this many sealed sectors, instead of one per write).
+const NONCE_POOL: usize = 256;
 
 const S: u64 = SECTOR_SIZE as u64;
 
@@ -57,6 +71,30 @@ struct Live {
     seals: u64,
     /// The seal budget reserved in the header on disk.
     reserve: u64,
+    /// Random nonces not used yet: `nonces[nonces_used..]`. Each is used once.
+    nonces: Vec<u8>,
+    nonces_used: usize,
+}
+
+impl Live {
+    /// Fill `out` (a whole number of nonces) with fresh random nonces.
+    fn take_nonces(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < out.len() {
+            if self.nonces_used == self.nonces.len() {
+                self.nonces.resize(NONCE_POOL * NONCE_LEN, 0);
+                fill_random(&mut self.nonces).map_err(io::Error::other)?;
+                self.nonces_used = 0;
+            }
+            let n = (out.len() - at).min(self.nonces.len() - self.nonces_used);
+            out[at..at + n].copy_from_slice(&self.nonces[self.nonces_used..self.nonces_used + n]);
+            // A nonce is never handed out twice.
+            self.nonces[self.nonces_used..self.nonces_used + n].fill(0);
+            self.nonces_used += n;
+            at += n;
+        }
+        Ok(())
+    }
 }
 
 /// The header as last written, and the means to write it.
@@ -71,6 +109,81 @@ impl Meta {
         self.writer
             .write(file, &mut self.header, &self.mac)
             .map(|_| ())
+    }
+}
+
+/// Starts the kernel's writeback of the container in the background
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on its own thread, holding no
+/// lock) every [`WRITEBACK_BYTES`] written. With a lot of memory the kernel
+/// would otherwise keep everything dirty until the commit's `fdatasync`,
+/// which then writes it all while every request waits. Durability is
+/// unchanged: only `sync_data` promises anything.
+struct Writeback {
+    shared: Arc<(Mutex<(u64, bool)>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writeback {
+    fn start(file: &File) -> Option<Writeback> {
+        use std::os::fd::AsRawFd;
+        let file = file.try_clone().ok()?;
+        let shared = Arc::new((Mutex::new((0u64, false)), Condvar::new()));
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("keybound-writeback".into())
+            .spawn(move || {
+                let (lock, cv) = &*theirs;
+                let Ok(mut state) = lock.lock() else { return };
+                loop {
+                    while state.0 < WRITEBACK_BYTES && !state.1 {
+                        state = match cv.wait(state) {
+                            Ok(s) => s,
+                            Err(_) => return,
+                        };
+                    }
+                    if state.1 {
+                        return;
+                    }
+                    state.0 = 0;
+                    drop(state);
+                    // SAFETY: a valid fd owned by `file`; no memory is passed.
+                    unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                    state = match lock.lock() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                }
+            })
+            .ok()?;
+        Some(Writeback {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn wrote(&self, bytes: u64) {
+        let (lock, cv) = &*self.shared;
+        if let Ok(mut state) = lock.lock() {
+            state.0 += bytes;
+            if state.0 >= WRITEBACK_BYTES {
+                cv.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.shared;
+        if let Ok(mut state) = lock.lock() {
+            state.1 = true;
+        }
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -110,6 +223,8 @@ pub struct SectorStore {
     damaged_sectors: Mutex<BTreeSet<u64>>,
     /// Set by tests that simulate a crash: drop then writes nothing.
     abandoned: AtomicBool,
+    /// None for a read-only store (or if the thread could not start).
+    writeback: Option<Writeback>,
     #[cfg(test)]
     page0_tail_writes: AtomicU64,
 }
@@ -136,6 +251,11 @@ fn poisoned() -> io::Error {
 
 impl SectorStore {
     pub(crate) fn new(parts: StoreParts) -> Result<SectorStore, ContainerError> {
+        let writeback = if parts.read_only {
+            None
+        } else {
+            Writeback::start(&parts.file)
+        };
         let h = &parts.header;
         let live = Live {
             store_len: h.store_len,
@@ -144,6 +264,8 @@ impl SectorStore {
             page0_generation: 0,
             seals: h.seal_reserve,
             reserve: h.seal_reserve,
+            nonces: Vec::new(),
+            nonces_used: 0,
         };
         let store = SectorStore {
             id: h.id,
@@ -163,6 +285,7 @@ impl SectorStore {
             damaged_reads: AtomicU64::new(0),
             damaged_sectors: Mutex::new(BTreeSet::new()),
             abandoned: AtomicBool::new(false),
+            writeback,
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
         };
@@ -520,9 +643,17 @@ impl SectorStore {
             self.check_page0_tail(offset, data)?;
         }
         let count = (last - first + 1) as usize;
-        let mut plain = vec![0u8; count * SECTOR_SIZE];
-        let result = self.fill_and_write(live, first, offset, data, &mut plain);
-        plain.zeroize();
+        // Whole pages (all of redb's writes but its header): sealed straight
+        // from `data`, without a plaintext copy.
+        let whole = first != 0 && offset.is_multiple_of(S) && end.is_multiple_of(S);
+        let result = if whole {
+            self.fill_and_write(live, first, offset, data, None)
+        } else {
+            let mut plain = vec![0u8; count * SECTOR_SIZE];
+            let r = self.fill_and_write(live, first, offset, data, Some(&mut plain));
+            plain.zeroize();
+            r
+        };
         if result.is_err() {
             // The file may hold the new data, the old or a torn sector:
             // forget what the cache believes.
@@ -538,16 +669,21 @@ impl SectorStore {
     }
 
     /// Build the plaintext of the pages a write touches (read–modify–write
-    /// at the edges), seal them and any gap below the new extent, write,
-    /// then update the cache and `live`.
+    /// at the edges, in `plain`; `None` when `data` is whole pages other than
+    /// page 0), seal them and any gap below the new extent, write, then
+    /// update the cache and `live`.
     fn fill_and_write(
         &self,
         live: &mut Live,
         first: u64,
         offset: u64,
         data: &[u8],
-        plain: &mut [u8],
+        plain: Option<&mut [u8]>,
     ) -> io::Result<()> {
+        let Some(plain) = plain else {
+            let count = data.len() / SECTOR_SIZE;
+            return self.seal_pages(live, first, count, data);
+        };
         let count = (plain.len() / SECTOR_SIZE) as u64;
         let last = first + count - 1;
         let end = offset + data.len() as u64;
@@ -572,15 +708,40 @@ impl SectorStore {
         if let Some((_, generation)) = page0 {
             plain[PAGE0_GENERATION_OFFSET..SECTOR_SIZE].copy_from_slice(&generation.to_le_bytes());
         }
+        self.seal_pages(live, first, count as usize, plain)?;
+        if let Some((target, generation)) = page0 {
+            live.page0_newest = Some(target);
+            live.page0_generation = generation;
+        }
+        Ok(())
+    }
+
+    /// Seal and write `pages` (the plaintext of `count` whole pages from
+    /// redb page `first` on, page 0's generation already in place) and every
+    /// never-written sector below the new extent, then update the cache and
+    /// the extent.
+    fn seal_pages(
+        &self,
+        live: &mut Live,
+        first: u64,
+        count: usize,
+        pages: &[u8],
+    ) -> io::Result<()> {
+        let last = first + count as u64 - 1;
+        // Page 0 goes to the older copy of its shadow pair.
+        let page0 = (first == 0).then(|| match live.page0_newest {
+            Some(newest) => 1 - newest,
+            None => 0,
+        });
 
         // Physical sectors to seal, in file order: the pages, and every
         // never-written sector below the new extent (sealed zeros, so the
         // data area has no holes and reads of them authenticate).
-        let mut sectors: Vec<(u64, Source)> = (0..count as usize)
+        let mut sectors: Vec<(u64, Source)> = (0..count)
             .map(|i| {
                 let page = first + i as u64;
                 let sector = match (page, page0) {
-                    (0, Some((target, _))) => target,
+                    (0, Some(target)) => target,
                     _ => page + 1,
                 };
                 (sector, Source::Page(i))
@@ -589,9 +750,8 @@ impl SectorStore {
         let new_extent = live.extent.max(last + 2);
         // The pages occupy sectors max(first, 1) + 1 ..= last + 1, plus
         // page 0's target.
-        let written = |s: u64| {
-            (s > first.max(1) && s <= last + 1) || page0.is_some_and(|(target, _)| s == target)
-        };
+        let written =
+            |s: u64| (s > first.max(1) && s <= last + 1) || page0.is_some_and(|target| s == target);
         sectors.extend(
             (live.extent..new_extent)
                 .filter(|&s| !written(s))
@@ -600,27 +760,36 @@ impl SectorStore {
         sectors.sort_unstable_by_key(|&(s, _)| s);
 
         self.reserve_seals(live, sectors.len() as u64)?;
-        self.seal_and_write(&sectors, plain)?;
+        self.seal_and_write(live, &sectors, pages)?;
 
         let mut cache = self.cache()?;
-        for (i, page) in plain.chunks_mut(SECTOR_SIZE).enumerate() {
-            if first == 0 && i == 0 {
-                page[PAGE0_GENERATION_OFFSET..].fill(0);
+        for (i, page) in pages.chunks(SECTOR_SIZE).enumerate() {
+            let n = first + i as u64;
+            if count > CACHE_WRITE_PAGES {
+                cache.remove(n);
+            } else if n == 0 {
+                // The cache holds page 0 as redb wrote it: generation bytes zero.
+                let mut copy = [0u8; SECTOR_SIZE];
+                copy[..PAGE0_GENERATION_OFFSET].copy_from_slice(&page[..PAGE0_GENERATION_OFFSET]);
+                cache.insert(0, &copy);
+                copy.zeroize();
+            } else {
+                cache.insert(n, page);
             }
-            cache.insert(first + i as u64, page);
         }
         drop(cache);
-        if let Some((target, generation)) = page0 {
-            live.page0_newest = Some(target);
-            live.page0_generation = generation;
-        }
         live.extent = new_extent;
         Ok(())
     }
 
     /// Seal `sectors` (sorted) and write each run of consecutive ones with
     /// one `pwrite`.
-    fn seal_and_write(&self, sectors: &[(u64, Source)], plain: &[u8]) -> io::Result<()> {
+    fn seal_and_write(
+        &self,
+        live: &mut Live,
+        sectors: &[(u64, Source)],
+        plain: &[u8],
+    ) -> io::Result<()> {
         let mut at = 0;
         while at < sectors.len() {
             let mut end = at + 1;
@@ -633,7 +802,7 @@ impl SectorStore {
             let run = &sectors[at..end];
             let mut buf = vec![0u8; run.len() * SEALED_SECTOR_SIZE];
             let mut nonces = vec![0u8; run.len() * NONCE_LEN];
-            fill_random(&mut nonces).map_err(io::Error::other)?;
+            live.take_nonces(&mut nonces)?;
             let sealed = run
                 .iter()
                 .zip(buf.chunks_mut(SEALED_SECTOR_SIZE))
@@ -650,6 +819,9 @@ impl SectorStore {
                 return Err(e);
             }
             self.file.write_all_at(&buf, sector_offset(run[0].0))?;
+            if let Some(wb) = &self.writeback {
+                wb.wrote(buf.len() as u64);
+            }
             at = end;
         }
         Ok(())

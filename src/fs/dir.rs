@@ -290,6 +290,35 @@ impl Fs {
         Ok(&entries[start..])
     }
 
+    /// As [`Fs::readdir`], with the attributes of each entry (for READDIRPLUS): at most `max`
+    /// entries from position `offset` on, each with its position. Entries removed since the
+    /// snapshot was taken are left out. None at the end of the listing.
+    pub fn readdir_plus(
+        &mut self,
+        fh: u64,
+        offset: u64,
+        max: usize,
+    ) -> FsResult<Option<Vec<(u64, DirEntry, Attr)>>> {
+        let batch: Vec<DirEntry> = self
+            .readdir(fh, offset)?
+            .iter()
+            .take(max)
+            .cloned()
+            .collect();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        self.run(Mode::Read, |_, tx| {
+            let mut out = Vec::with_capacity(batch.len());
+            for (i, e) in batch.into_iter().enumerate() {
+                if let Some(a) = tx.attr(e.ino)? {
+                    out.push((offset + i as u64, e, a));
+                }
+            }
+            Ok(Some(out))
+        })
+    }
+
     /// Closes a directory handle.
     pub fn releasedir(&mut self, fh: u64) {
         self.dirs.remove(&fh);

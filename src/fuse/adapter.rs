@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, Caller, FileKind, Fs, FsError, FsResult, SetAttr, SetTime, Timespec};
@@ -152,6 +152,10 @@ impl Adapter {
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
+        // READDIRPLUS: a listing carries each entry's attributes, so `ls -l` and `find` need no
+        // LOOKUP per entry (AUTO: the kernel uses it when the listing is followed by stats).
+        let plus = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        let _ = config.add_capabilities(plus & config.capabilities());
         Ok(())
     }
 
@@ -414,6 +418,44 @@ impl Filesystem for Adapter {
                 reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        mut offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // Attributes are read in batches; the reply buffer (one page, usually) fills first.
+        const BATCH: usize = 64;
+        loop {
+            let batch = match self.with(|fs| fs.readdir_plus(fh.0, offset, BATCH)) {
+                Ok(Some(b)) => b,
+                Ok(None) => return reply.ok(),
+                Err(e) => return reply.error(e),
+            };
+            offset += BATCH as u64;
+            for (pos, e, a) in &batch {
+                let name = OsStr::from_bytes(&e.name);
+                let attr = file_attr(a);
+                if reply.add(
+                    INodeNo(e.ino),
+                    pos + 1,
+                    name,
+                    &TTL,
+                    &attr,
+                    Generation(a.generation),
+                ) {
+                    return reply.ok();
+                }
+                // The kernel takes a reference on every entry but "." and "..".
+                if e.name != b"." && e.name != b".." {
+                    self.remember(e.ino);
+                }
+            }
         }
     }
 
