@@ -78,6 +78,10 @@ pub const SLOT_REFUSED: i32 = 43;
 pub const HEADER_MISMATCH: i32 = 44;
 /// A confirmation was needed and not given (no terminal and no --yes, or not "yes").
 pub const NOT_CONFIRMED: i32 = 45;
+/// A master-key rotation (`keybound rekey`) was interrupted: run `keybound rekey VAULT` to finish it.
+pub const REKEY_UNFINISHED: i32 = 46;
+/// The key slot was carried over by a rotation and awaits `keybound rekey VAULT --activate`.
+pub const SLOT_PENDING: i32 = 47;
 
 /// The exit status of a mount daemon that locked for `reason`.
 pub fn for_lock_reason(reason: &LockReason) -> i32 {
@@ -137,6 +141,9 @@ pub fn for_container_error(err: &ContainerError) -> i32 {
         E::SlotUnwrap { .. } => WRONG_PASSWORD,
         E::Secret(_) => SECRET_INPUT,
         E::LastSlot { .. } | E::NoSuchSlot { .. } | E::SlotInUse { .. } => SLOT_REFUSED,
+        E::RekeyRefused { .. } => SLOT_REFUSED,
+        E::RekeyInProgress { .. } => REKEY_UNFINISHED,
+        E::SlotPending { .. } => SLOT_PENDING,
         E::BackupInvalid { .. } | E::BackupMismatch { .. } | E::BackupDataChanged { .. } => {
             HEADER_MISMATCH
         }

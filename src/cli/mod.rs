@@ -6,6 +6,7 @@ mod dumpkey_cmd;
 pub mod exitcodes;
 mod mount_cmd;
 mod prompt;
+mod rekey_cmd;
 mod token_cmd;
 mod vault_cmd;
 
@@ -58,6 +59,8 @@ pub enum Command {
     Passwd(admin_cmd::PasswdArgs),
     /// Remove a key slot (overwritten in both header copies).
     Revoke(admin_cmd::RevokeArgs),
+    /// Rotate the master key: re-encrypt every sector, carry every key slot over (resumable).
+    Rekey(rekey_cmd::RekeyArgs),
     /// Back up or restore the vault's header (its key slots).
     #[command(subcommand)]
     Header(admin_cmd::HeaderCommand),
@@ -84,6 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll(args) => admin_cmd::enroll(args),
         Command::Passwd(args) => admin_cmd::passwd(args),
         Command::Revoke(args) => admin_cmd::revoke(args),
+        Command::Rekey(args) => rekey_cmd::run(args),
         Command::Header(cmd) => admin_cmd::header(cmd),
         Command::Policy(args) => admin_cmd::policy(args),
         Command::Audit(cmd) => audit_cmd::run(cmd),

@@ -122,6 +122,32 @@ pub enum ContainerError {
         source: io::Error,
     },
 
+    // ------------------------------------------- master-key rotation ----
+    #[error(
+        "a master-key rotation (`keybound rekey`) of {} was interrupted after {done} of {total} \
+         sectors; the vault cannot be mounted or changed until it is finished: run `keybound \
+         rekey {}` (it resumes where it stopped; any key slot authorises it)",
+        path.display(),
+        path.display()
+    )]
+    RekeyInProgress {
+        path: PathBuf,
+        done: u64,
+        total: u64,
+    },
+
+    #[error(
+        "key slot {index} of {} was carried over by a master-key rotation and must be activated \
+         once by its owner before it opens the vault: keybound rekey {} --activate --slot \
+         {index} (with that slot's token, PIN and password)",
+        path.display(),
+        path.display()
+    )]
+    SlotPending { path: PathBuf, index: u8 },
+
+    #[error("cannot rotate the master key of {}: {reason}", path.display())]
+    RekeyRefused { path: PathBuf, reason: String },
+
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 

@@ -41,8 +41,13 @@ pub(crate) struct Header {
     pub policy: Policy,
     /// The raw key slots, `SLOT_COUNT × SLOT_SIZE` bytes.
     pub slots: Vec<u8>,
-    /// The reserved tail (random at creation, carried over unchanged).
+    /// The reserved tail (random at creation, carried over unchanged; its
+    /// first bytes hold the rekey record while `rekeying`).
     pub reserved: Vec<u8>,
+    /// A master-key rotation is in progress (FORMAT.md §7).
+    pub rekeying: bool,
+    /// Bit i: key slot i awaits activation after a rekey (FORMAT.md §7.4).
+    pub pending: u8,
 }
 
 /// Why a header copy cannot be used.
@@ -90,8 +95,12 @@ impl Header {
         put_u64(&mut b, H_GENERATION, self.generation);
         b[H_ID..H_ID + CONTAINER_ID_LEN].copy_from_slice(&self.id);
         put_u32(&mut b, H_SECTOR_SIZE, SECTOR_SIZE as u32);
-        let flags = if self.fixed() { FLAG_FIXED_SIZE } else { 0 };
+        let mut flags = if self.fixed() { FLAG_FIXED_SIZE } else { 0 };
+        if self.rekeying {
+            flags |= FLAG_REKEY;
+        }
         put_u32(&mut b, H_FLAGS, flags);
+        b[H_PENDING_SLOTS] = self.pending;
         put_u64(&mut b, H_DATA_OFFSET, DATA_OFFSET);
         put_u64(&mut b, H_CAPACITY, self.capacity);
         put_u64(&mut b, H_EXTENT, self.extent);
@@ -152,14 +161,18 @@ impl Header {
             policy: decode_policy(&b[H_POLICY..H_POLICY + POLICY_LEN])?,
             slots: b[H_SLOTS..H_RESERVED_TAIL].to_vec(),
             reserved: b[H_RESERVED_TAIL..H_MAC].to_vec(),
+            rekeying: flags & FLAG_REKEY != 0,
+            pending: b[H_PENDING_SLOTS],
         };
-        if flags & !FLAG_FIXED_SIZE != 0 || (flags & FLAG_FIXED_SIZE != 0) != header.fixed() {
+        let known = FLAG_FIXED_SIZE | FLAG_REKEY;
+        if flags & !known != 0 || (flags & FLAG_FIXED_SIZE != 0) != header.fixed() {
             return Err(format!("flags {flags:#x} disagree with the capacity"));
         }
         header.check_ranges()?;
         for i in 0..SLOT_COUNT {
             slot::decode(i as u8, header.slot_bytes(i))?;
         }
+        super::rekey::check_header(&header)?;
         Ok(header)
     }
 
@@ -394,6 +407,8 @@ mod tests {
             },
             slots,
             reserved,
+            rekeying: false,
+            pending: 0,
         }
     }
 

@@ -46,7 +46,8 @@ pub const H_CAPACITY: usize = 56; // u64: fixed size in sectors, 0 = grows
 pub const H_EXTENT: usize = 64; // u64: sectors 0..extent sealed at least once
 pub const H_SEAL_RESERVE: usize = 72; // u64: seal budget reserved
 pub const H_KEY_EPOCH: usize = 80; // u32
-pub const H_RESERVED_2: std::ops::Range<usize> = 84..88; // zero
+pub const H_PENDING_SLOTS: usize = 84; // u8: bit i = slot i awaits activation after a rekey
+pub const H_RESERVED_2: std::ops::Range<usize> = 85..88; // zero
 pub const H_STORE_LEN: usize = 88; // u64: redb's logical length
 pub const H_POLICY: usize = 96; // 32 bytes, see P_*
 pub const H_SLOTS: usize = 128; // SLOT_COUNT × SLOT_SIZE
@@ -57,6 +58,9 @@ pub const H_CHECKSUM: usize = 16352; // 32: SHA-256 of 0..16352
 
 /// Header flag bit 0: the container was preallocated and never grows.
 pub const FLAG_FIXED_SIZE: u32 = 1;
+/// Header flag bit 1: a master-key rotation is in progress; the rekey
+/// record (R_*) is valid (FORMAT.md §7).
+pub const FLAG_REKEY: u32 = 2;
 
 // Policy block, relative to H_POLICY. All zero = no policy set.
 pub const P_MIN_PASSWORD_LEN: usize = 0; // u16
@@ -104,6 +108,37 @@ pub const SLOT_FLAG_CHANGE_PASSWORD: u8 = 1;
 
 /// PIV retired key slots usable for a vault key (82–95).
 pub const PIV_RETIRED_SLOTS: std::ops::RangeInclusive<u8> = 0x82..=0x95;
+
+// --------------------------------------------------------------- rekey ----
+// FORMAT.md §7. The rekey record lies at the start of the header's reserved
+// tail and means something only while FLAG_REKEY is set (otherwise random).
+
+pub const H_REKEY: usize = H_RESERVED_TAIL; // 8320
+pub const R_WATERMARK: usize = 0; // u64: sectors below are under the new key
+pub const R_BATCH: usize = 8; // u64: sectors of the batch in flight from the watermark
+pub const R_JOURNAL_HASH: usize = 16; // 32: SHA-256 of the batch's journal
+pub const R_NEW_SEALS: usize = 48; // u64: seals reserved under the new key
+pub const R_NONCE: usize = 56; // 12
+pub const R_WRAPPED: usize = 68; // 48: new master key under the link key
+pub const R_RESERVED: std::ops::Range<usize> = 116..128; // zero
+pub const REKEY_RECORD_LEN: usize = 128;
+
+// A slot awaiting activation keeps its old wrapping (bytes 0..324) and
+// carries a link in its unauthenticated tail (the header MAC covers it).
+pub const S_LINK_EPHEMERAL: usize = 324; // 65, SEC1 uncompressed
+pub const S_LINK_NONCE: usize = 389; // 12
+pub const S_LINK_WRAPPED: usize = 401; // 48: new master key under the link KEK
+pub const S_LINK_END: usize = 449;
+
+/// Most sectors re-encrypted per batch (one journal write, one header write).
+pub const REKEY_MAX_BATCH: u64 = 1024;
+
+/// HKDF info of the link key K_link = HKDF(old MK, id, label ‖ new epoch).
+pub const REKEY_LINK_LABEL: &[u8] = b"keybound v1 rekey link";
+/// AAD prefix of the new master key sealed in the rekey record.
+pub const REKEY_RECORD_LABEL: &[u8] = b"keybound v1 rekey record";
+/// HKDF info prefix / AAD prefix of a pending slot's link.
+pub const SLOT_LINK_LABEL: &[u8] = b"keybound v1 slot link";
 
 // ------------------------------------------------------ labels and AAD ----
 
@@ -171,4 +206,9 @@ const _: () = {
     assert!(SEALED_SECTOR_SIZE == 4124);
     assert!(SECTOR_AAD_LEN == 46);
     assert!(RESERVED_AREA_OFFSET <= DATA_OFFSET);
+    assert!(R_WRAPPED + WRAPPED_LEN == R_RESERVED.start);
+    assert!(H_REKEY + REKEY_RECORD_LEN <= H_MAC);
+    assert!(S_LINK_EPHEMERAL == S_RESERVED_TAIL);
+    assert!(S_LINK_WRAPPED + WRAPPED_LEN == S_LINK_END);
+    assert!(S_LINK_END <= SLOT_SIZE);
 };

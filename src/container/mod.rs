@@ -18,6 +18,7 @@ mod error;
 mod header;
 pub mod layout;
 mod lock;
+mod rekey;
 mod slot;
 mod store;
 
@@ -35,6 +36,7 @@ pub use backup::{BACKUP_LEN, RestoreReport, inspect_backup, restore_header};
 pub use error::ContainerError;
 pub use header::Policy;
 pub use layout::SECTOR_SIZE;
+pub use rekey::{ReencryptReport, RekeyProgress, RekeyStatus, SlotCarry};
 pub use slot::{NewSlot, NewSlotKind, SlotFlags, SlotInfo, SlotKind};
 pub use store::{DEFAULT_CACHE_BYTES, SectorStore};
 
@@ -112,6 +114,18 @@ pub struct HeaderInfo {
     pub seal_budget_reserved: u64,
     pub policy: Policy,
     pub slots: Vec<SlotInfo>,
+    /// An interrupted master-key rotation: sectors done of the extent.
+    pub rekey_in_progress: Option<RekeyInfo>,
+    /// Key slots carried over by a rotation, awaiting activation.
+    pub pending_slots: Vec<u8>,
+}
+
+/// Where an interrupted rotation stands (FORMAT.md §7), for `keybound info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RekeyInfo {
+    pub done_sectors: u64,
+    pub total_sectors: u64,
+    pub new_epoch: u32,
 }
 
 impl HeaderInfo {
@@ -226,6 +240,8 @@ impl Container {
             policy: Policy::default(),
             slots,
             reserved,
+            rekeying: false,
+            pending: 0,
         };
         let mac = mac_for(mk, &opts.id)?;
 
@@ -357,6 +373,13 @@ impl Container {
         kek: &crate::secrets::SecretBytes,
     ) -> Result<MasterKey, ContainerError> {
         let bytes = self.used_slot(index)?;
+        if self.header.pending & (1 << index) != 0 {
+            // Rekey (FORMAT.md §7.4): it holds the old key until activated.
+            return Err(ContainerError::SlotPending {
+                path: self.path.clone(),
+                index,
+            });
+        }
         slot::unwrap(&self.header.id, index, bytes, kek).map_err(|e| match e {
             CryptoError::Authentication => ContainerError::SlotUnwrap {
                 path: self.path.clone(),
@@ -400,6 +423,14 @@ impl Container {
         cache_bytes: usize,
     ) -> Result<SectorStore, ContainerError> {
         let (mac, writer) = self.verify(&mk)?;
+        if let Some(r) = self.rekey_status() {
+            // Rekey (FORMAT.md §7.3): sectors of two epochs; finish first.
+            return Err(ContainerError::RekeyInProgress {
+                path: self.path,
+                done: r.done,
+                total: r.total,
+            });
+        }
         let cipher = SectorCipher::new(&mk.derive(KeyPurpose::SectorEncryption, &self.header.id)?)?;
         drop(mk);
         let needs_repair = !writer.both_valid();
@@ -454,7 +485,10 @@ impl Container {
     ) -> Result<(), ContainerError> {
         self.used_slot(slot.index)?;
         let bytes = slot::encode_with_flags(&self.header.id, &slot, mk, now_unix(), flags)?;
-        self.rewrite(mk, |h| h.set_slot_bytes(usize::from(slot.index), &bytes))?;
+        self.rewrite(mk, |h| {
+            h.set_slot_bytes(usize::from(slot.index), &bytes);
+            h.pending &= !(1 << slot.index); // rekey: a fresh wrapping of the new key
+        })?;
         self.rewrite(mk, |_| {})
     }
 
@@ -489,7 +523,10 @@ impl Container {
             });
         }
         let bytes = slot::empty()?;
-        self.rewrite(mk, |h| h.set_slot_bytes(usize::from(index), &bytes))?;
+        self.rewrite(mk, |h| {
+            h.set_slot_bytes(usize::from(index), &bytes);
+            h.pending &= !(1 << index); // rekey: a removed slot awaits nothing
+        })?;
         // The other copy still holds the slot: write it too.
         self.rewrite(mk, |_| {})
     }
@@ -509,6 +546,13 @@ impl Container {
         if self.access == Access::ReadOnly {
             return Err(ContainerError::ReadOnly {
                 path: self.path.clone(),
+            });
+        }
+        if let Some(r) = self.rekey_status() {
+            return Err(ContainerError::RekeyInProgress {
+                path: self.path.clone(),
+                done: r.done,
+                total: r.total,
             });
         }
         let (mac, mut writer) = self.verify(mk)?;
@@ -553,6 +597,14 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
         seal_budget_reserved: header.seal_reserve,
         policy: header.policy,
         slots: header.slot_infos(),
+        rekey_in_progress: rekey::status(header).map(|r| RekeyInfo {
+            done_sectors: r.done,
+            total_sectors: r.total,
+            new_epoch: r.new_epoch,
+        }),
+        pending_slots: (0..SLOT_COUNT as u8)
+            .filter(|i| header.pending & (1 << i) != 0)
+            .collect(),
     }
 }
 

@@ -299,6 +299,24 @@ pub(crate) fn unwrap(
     MasterKey::from_secret(secret)
 }
 
+/// Slot `index` (bytes `b`) with `mk` sealed again under the same `kek`:
+/// metadata unchanged, a fresh nonce, a fresh random tail (rekey activation).
+pub(crate) fn reseal(
+    id: &[u8; CONTAINER_ID_LEN],
+    index: u8,
+    b: &[u8],
+    kek: &SecretBytes,
+    mk: &MasterKey,
+) -> Result<Vec<u8>, ContainerError> {
+    let mut out = b[..SLOT_SIZE].to_vec();
+    fill_random(&mut out[S_RESERVED_TAIL..])?;
+    let nonce = random_nonce()?;
+    let wrapped = aead::seal(kek, &nonce, &aad(id, index, &out), mk.expose())?;
+    out[S_NONCE..][..NONCE_LEN].copy_from_slice(&nonce);
+    out[S_WRAPPED..][..WRAPPED_LEN].copy_from_slice(&wrapped);
+    Ok(out)
+}
+
 pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }

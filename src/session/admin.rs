@@ -16,6 +16,7 @@
 //! elsewhere, and the user's passwd never needs more than one card ECDH.
 
 pub mod recovery;
+pub mod rekey;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
