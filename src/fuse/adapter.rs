@@ -18,6 +18,10 @@ use crate::fs::{Attr, Caller, FileKind, Fs, FsError, FsResult, SetAttr, SetTime,
 
 /// How long the kernel may cache attributes and entries.
 pub(crate) const TTL: Duration = Duration::from_secs(1);
+/// Open files keep the kernel's page cache from earlier opens: every change goes through this
+/// mount (no other writer), so it cannot be stale, and a re-read needs no round trip. The lock
+/// procedure invalidates every inode the kernel knows, which drops those pages.
+const KEEP_CACHE: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 /// Largest write request (and so largest plaintext buffer per request).
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -319,7 +323,7 @@ impl Filesystem for Adapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.with(|fs| fs.open_file(ino.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -545,7 +549,7 @@ impl Filesystem for Adapter {
                     &file_attr(&a),
                     Generation(a.generation),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    KEEP_CACHE,
                 );
             }
             Err(e) => reply.error(e),
