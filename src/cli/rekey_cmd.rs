@@ -16,7 +16,7 @@ use anyhow::Result;
 use clap::Args;
 use keybound::audit::Event;
 use keybound::container::{
-    Access, Container, ContainerError, RekeyProgress, SECTOR_SIZE, SlotCarry, SlotKind,
+    Access, Container, ContainerError, HeaderInfo, RekeyProgress, SECTOR_SIZE, SlotCarry, SlotKind,
 };
 use keybound::crypto::MasterKey;
 use keybound::secrets::SecretBytes;
@@ -50,6 +50,10 @@ pub struct RekeyArgs {
     /// Print a JSON summary on stdout (and no progress bar).
     #[arg(long)]
     json: bool,
+    /// Use the enrolled token with this serial (when several are plugged in):
+    /// its key slot authorises (or, with --activate, is activated).
+    #[arg(long, conflicts_with = "admin_slot")]
+    serial: Option<u32>,
     /// Authorise with this token key slot (its token must be plugged in).
     /// Default: the slot of the enrolled token that is plugged in.
     #[arg(long, value_name = "N", conflicts_with = "recovery_key_file")]
@@ -69,6 +73,27 @@ pub struct RekeyArgs {
 }
 
 impl RekeyArgs {
+    /// The key slot named by --admin-slot / --slot, or by --serial.
+    fn slot_by(&self, header: &HeaderInfo, slot: Option<u8>) -> Result<Option<u8>> {
+        let Some(serial) = self.serial else {
+            return Ok(slot);
+        };
+        header
+            .slots
+            .iter()
+            .find(|s| matches!(s.kind, SlotKind::Token { serial: t, .. } if t == serial))
+            .map(|s| Some(s.index))
+            .ok_or_else(|| {
+                anyhow::Error::from(exitcodes::Coded {
+                    code: exitcodes::NO_TOKEN,
+                    message: format!(
+                        "token {serial} is not enrolled in {} (`keybound info` lists the slots)",
+                        self.vault.display()
+                    ),
+                })
+            })
+    }
+
     fn last_try(&self) -> LastTry {
         if self.allow_last_pin_try {
             LastTry::Allow
@@ -203,7 +228,7 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
     let authority = admin::choose_authority(
         &vault,
         &header,
-        args.admin_slot,
+        args.slot_by(&header, args.admin_slot)?,
         args.recovery_key_file.is_some(),
         None,
     )?;
@@ -466,7 +491,7 @@ fn activate(args: &RekeyArgs, event: &mut Event) -> Result<()> {
         }
         .into());
     }
-    let target = admin::passwd_target(&vault, &header, args.slot)?;
+    let target = admin::passwd_target(&vault, &header, args.slot_by(&header, args.slot)?)?;
     if !matches!(target.slot.kind, SlotKind::Token { .. }) {
         unreachable!("passwd_target returns token slots");
     }
