@@ -778,3 +778,210 @@ fn tally(report: &mut ReencryptReport, first: u64, outcomes: &[Outcome]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use redb::StorageBackend;
+
+    use super::*;
+    use crate::container::{CreateOptions, NewSlotKind, SectorStore, new_container_id};
+    use crate::crypto::SALT_LEN;
+
+    const PAGES: u64 = 300;
+
+    fn kek() -> SecretBytes {
+        SecretBytes::from_slice(&[7; 32]).unwrap()
+    }
+
+    fn page(k: u64) -> Vec<u8> {
+        (0..SECTOR_SIZE)
+            .map(|i| (k as usize * 31 + i * 7) as u8)
+            .collect()
+    }
+
+    /// A container whose store holds pages 1..=PAGES with known contents.
+    fn vault(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("v.kb");
+        let mk = MasterKey::generate().unwrap();
+        let slot = NewSlot {
+            index: 0,
+            label: String::new(),
+            salt: [1; SALT_LEN],
+            kind: NewSlotKind::Recovery,
+            kek: kek(),
+        };
+        let opts = CreateOptions {
+            id: new_container_id().unwrap(),
+            fixed_size: None,
+        };
+        let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+        let store = c.into_store(mk).unwrap();
+        store.write(0, &[0u8; 320]).unwrap();
+        for k in 1..=PAGES {
+            store.write(k * SECTOR_SIZE as u64, &page(k)).unwrap();
+        }
+        store.close().unwrap();
+        path
+    }
+
+    fn open(path: &Path) -> (Container, MasterKey) {
+        let c = Container::open(path, Access::ReadWrite).unwrap();
+        let mk = c.unwrap_slot(0, &kek()).unwrap();
+        (c, mk)
+    }
+
+    fn check_pages(store: &SectorStore) {
+        let mut buf = vec![0u8; SECTOR_SIZE];
+        for k in 1..=PAGES {
+            store.read(k * SECTOR_SIZE as u64, &mut buf).unwrap();
+            assert!(buf == page(k), "page {k}");
+        }
+        assert_eq!(store.damaged_reads(), 0);
+    }
+
+    /// Run a rotation in batches of 32 and stop it (as a crash would) after
+    /// `batches` batches: the header then names batch `batches - 1` in flight.
+    fn interrupted(path: &Path, batches: u64) -> u64 {
+        let (mut c, old) = open(path);
+        let new = c.begin_rekey(&old).unwrap();
+        let mut seen = 0;
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.reencrypt(&old, &new, 32, &mut |_| {
+                seen += 1;
+                if seen == batches {
+                    panic!("simulated crash");
+                }
+            })
+        }));
+        assert!(stopped.is_err());
+        (batches - 1) * 32
+    }
+
+    /// Put the old ciphertext (from the journal) back into the first `n`
+    /// sectors of the batch at `first`, as if its in-place write had only
+    /// partly happened.
+    fn undo_part_of_batch(path: &Path, first: u64, n: u64) {
+        let c = Container::open(path, Access::ReadOnly).unwrap();
+        let journal_at = c.journal_offset();
+        drop(c);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(path)
+            .unwrap();
+        let mut buf = vec![0u8; n as usize * SEALED_SECTOR_SIZE];
+        file.read_exact_at(&mut buf, journal_at).unwrap();
+        file.write_all_at(&buf, sector_offset(first)).unwrap();
+    }
+
+    fn finish(path: &Path) -> ReencryptReport {
+        let (mut c, old) = open(path);
+        assert!(c.rekey_status().is_some());
+        let new = c.rekey_new_key(&old).unwrap();
+        let report = c.reencrypt(&old, &new, 64, &mut |_| {}).unwrap();
+        let slot = NewSlot {
+            index: 0,
+            label: String::new(),
+            salt: [2; SALT_LEN],
+            kind: NewSlotKind::Recovery,
+            kek: kek(),
+        };
+        c.finish_rekey(&old, &new, vec![SlotCarry::Rewrap(slot)])
+            .unwrap();
+        assert_eq!(c.info().key_epoch, 1);
+        report
+    }
+
+    #[test]
+    fn a_torn_sector_of_the_batch_in_flight_comes_back_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = vault(dir.path());
+        let first = interrupted(&path, 4);
+        undo_part_of_batch(&path, first, 20);
+        // Sector first + 5 is torn: neither key opens it.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0x55; 100], sector_offset(first + 5) + 2000)
+            .unwrap();
+        drop(file);
+        {
+            let (c, old) = open(&path);
+            let err = c.into_store(old).unwrap_err();
+            assert!(
+                matches!(err, ContainerError::RekeyInProgress { .. }),
+                "{err}"
+            );
+        }
+        let report = finish(&path);
+        assert_eq!(report.from_journal, 1);
+        assert_eq!(report.already_new, 12);
+        assert!(report.damaged.is_empty());
+        let (c, mk) = open(&path);
+        check_pages(&c.into_store(mk).unwrap());
+    }
+
+    #[test]
+    fn the_older_header_copy_alone_still_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = vault(dir.path());
+        let first = interrupted(&path, 5);
+        undo_part_of_batch(&path, first, 10);
+        // Damage the newest header copy: the older one names the batch before.
+        let c = Container::open(&path, Access::ReadOnly).unwrap();
+        let newest = match c.info().copy_used {
+            super::super::HeaderCopy::A => 0,
+            super::super::HeaderCopy::B => 1,
+        };
+        drop(c);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xAA; 64], HEADER_COPY_OFFSETS[newest] + 500)
+            .unwrap();
+        drop(file);
+        let report = finish(&path);
+        assert!(report.damaged.is_empty());
+        assert!(report.already_new >= 32, "{report:?}");
+        let (c, mk) = open(&path);
+        check_pages(&c.into_store(mk).unwrap());
+    }
+
+    #[test]
+    fn the_old_key_opens_nothing_and_a_header_field_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = vault(dir.path());
+        let (c, old) = open(&path);
+        let old_bytes = old.dangerous_export().to_vec();
+        drop((c, old));
+        let (mut c, old) = open(&path);
+        let new = c.begin_rekey(&old).unwrap();
+        assert!(c.begin_rekey(&old).is_err(), "one rotation at a time");
+        c.reencrypt(&old, &new, 1024, &mut |_| {}).unwrap();
+        // A slot left without a carry is refused.
+        assert!(c.finish_rekey(&old, &new, vec![]).is_err());
+        drop(c);
+        finish(&path);
+        let (c, mk) = open(&path);
+        assert_ne!(mk.dangerous_export(), &old_bytes[..]);
+        let id = c.info().id;
+        let old = MasterKey::from_secret(SecretBytes::from_slice(&old_bytes).unwrap()).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let extent = c.info().extent_sectors;
+        let mut plain = vec![0u8; SECTOR_SIZE];
+        for epoch in [0, 1] {
+            let cipher = EpochCipher::new(&old, id, epoch).unwrap();
+            for s in 0..extent {
+                let mut sealed = vec![0u8; SEALED_SECTOR_SIZE];
+                file.read_exact_at(&mut sealed, sector_offset(s)).unwrap();
+                assert!(!cipher.open(s, &sealed, &mut plain), "sector {s}");
+            }
+        }
+        // The record is gone from both copies: no new key under the old one.
+        let raw = std::fs::read(&path).unwrap();
+        for copy in HEADER_COPY_OFFSETS {
+            let flags = u32::from_le_bytes(raw[copy as usize + H_FLAGS..][..4].try_into().unwrap());
+            assert_eq!(flags & FLAG_REKEY, 0);
+        }
+        assert!(c.rekey_new_key(&mk).is_err());
+        check_pages(&c.into_store(mk).unwrap());
+    }
+}
