@@ -467,7 +467,14 @@ fn print_summary(s: &Summary) {
             s.removed_slots, s.vault
         );
     }
-    if !s.damaged_sectors.is_empty() {
+    if s.damaged_sectors.iter().all(|&n| n < 2) && !s.damaged_sectors.is_empty() {
+        let _ = writeln!(
+            out,
+            "Note: sector {:?} (one copy of the store's page-0 pair) did not authenticate: a \
+             write torn by an earlier crash, which the other copy covers; left as it was.",
+            s.damaged_sectors
+        );
+    } else if !s.damaged_sectors.is_empty() {
         let _ = writeln!(
             out,
             "WARNING: {} sector(s) failed authentication under both keys (damaged before the \
