@@ -184,6 +184,8 @@ pub struct Fs {
     open_files: HashMap<u64, u32>,
     dirs: HashMap<u64, DirHandle>,
     next_fh: u64,
+    /// Some(true): no inode has an xattr (cleared by setxattr and every reopen).
+    no_xattrs: Option<bool>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -216,6 +218,7 @@ impl Fs {
             open_files: HashMap::new(),
             dirs: HashMap::new(),
             next_fh: 1,
+            no_xattrs: None,
         };
         fs.open_db_checked()?;
         Ok(fs)
@@ -510,6 +513,7 @@ impl Fs {
     }
 
     fn reopen(&mut self) -> FsResult<()> {
+        self.no_xattrs = None;
         drop_quietly(self.txn.take());
         drop_quietly(self.db.take());
         self.backend.refused_growth.store(false, Ordering::SeqCst);

@@ -8,7 +8,8 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use redb::{
-    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction,
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, WriteTransaction,
 };
 use zeroize::Zeroizing;
 
@@ -305,6 +306,11 @@ impl Txn {
         read_table!(self, XATTRS, |t| Ok(t
             .get((ino, name))?
             .map(|v| Zeroizing::new(v.value().to_vec()))))
+    }
+
+    /// Whether no inode has any xattr (an O(1) look at the table's length).
+    pub fn no_xattrs(&self) -> FsResult<bool> {
+        read_table!(self, XATTRS, |t| Ok(t.len()? == 0))
     }
 
     /// Stores an xattr; returns the length of the value it replaced, if any.
