@@ -6,8 +6,8 @@
 //! a mounted vault before anything is asked — then says which authority it
 //! needs ("Authorise with token 123 (key slot 0): …") and asks for it.
 //!
-//! AUDIT: every success and failure point is marked `// AUDIT:` for the audit
-//! log (issue 5), which is written elsewhere.
+//! Every command records its outcome, success or failure, in the audit log
+//! (src/audit).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +27,8 @@ use keybound::session::admin::{
 use keybound::session::{create, daemon, registry};
 use keybound::token::{self, LastTry, TokenPublicKey};
 
-use super::{exitcodes, prompt};
+use super::{audit_cmd, exitcodes, prompt};
+use keybound::audit::Event;
 
 /// Who authorises the change: a token slot (its token, password and PIN) or
 /// the recovery key.
@@ -52,6 +53,12 @@ pub struct AuthorityArgs {
 }
 
 impl AuthorityArgs {
+    /// Authority from another slot or the recovery key: an admin acting on
+    /// someone else's slot (a passwd is then a reset).
+    fn is_admin(&self) -> bool {
+        self.admin_slot.is_some() || self.recovery_key_file.is_some()
+    }
+
     fn last_try(&self) -> LastTry {
         if self.allow_last_pin_try {
             LastTry::Allow
@@ -328,9 +335,18 @@ fn describe_slot(slot: &SlotInfo) -> String {
 
 pub fn enroll(args: EnrollArgs) -> Result<()> {
     let result = enroll_inner(&args);
-    if let Err(_err) = &result {
-        // AUDIT: enrol failed (vault, form, error)
+    let form = if args.recovery {
+        "recovery"
+    } else if args.certificate.is_some() {
+        "certificate"
+    } else {
+        "token"
+    };
+    let mut event = Event::new("enroll", &args.vault).field("form", form);
+    if let Some(serial) = args.serial {
+        event = event.token(serial);
     }
+    audit_cmd::record_result(event, &result);
     result
 }
 
@@ -421,7 +437,6 @@ fn enroll_inner(args: &EnrollArgs) -> Result<()> {
         )?
     };
     drop(mk);
-    // AUDIT: enrolled (vault, slot, serial / recovery, by authority slot)
     for note in &enrolled.notes {
         eprintln!("Note: {note}");
     }
@@ -483,9 +498,11 @@ fn print_recovery_key(vault: &Path, slot: u8, text: &SecretBytes) -> Result<()> 
 
 pub fn passwd(args: PasswdArgs) -> Result<()> {
     let result = passwd_inner(&args);
-    if let Err(_err) = &result {
-        // AUDIT: passwd / reset failed (vault, slot, error)
+    let mut event = Event::new("passwd", &args.vault);
+    if let Some(slot) = args.slot {
+        event = event.slot(slot);
     }
+    audit_cmd::record_result(event.field("reset", args.auth.is_admin()), &result);
     result
 }
 
@@ -494,7 +511,7 @@ fn passwd_inner(args: &PasswdArgs) -> Result<()> {
     let vault = args.vault.clone();
     let header = container.info().clone();
     let target = admin::passwd_target(&vault, &header, args.slot)?;
-    let reset = args.auth.admin_slot.is_some() || args.auth.recovery_key_file.is_some();
+    let reset = args.auth.is_admin();
     let mk = if reset {
         let authority = choose(&container, &args.auth, Some(target.slot.index))?;
         if authority.slot() == Some(target.slot.index) {
@@ -543,7 +560,6 @@ fn passwd_inner(args: &PasswdArgs) -> Result<()> {
         reset,
     )?;
     drop(mk);
-    // AUDIT: passwd (vault, slot) or reset (vault, slot, by authority)
     if reset {
         println!(
             "Reset the password of {} in {} (a reset by an admin, not a change by the owner). \
@@ -571,9 +587,10 @@ fn passwd_inner(args: &PasswdArgs) -> Result<()> {
 
 pub fn revoke(args: RevokeArgs) -> Result<()> {
     let result = revoke_inner(&args);
-    if let Err(_err) = &result {
-        // AUDIT: revoke failed (vault, slot, error)
-    }
+    let event = Event::new("revoke", &args.vault)
+        .slot(args.slot)
+        .field("forced", args.force);
+    audit_cmd::record_result(event, &result);
     result
 }
 
@@ -610,7 +627,6 @@ fn revoke_inner(args: &RevokeArgs) -> Result<()> {
     let mk = authorise(&container, &args.auth, &authority, "the revocation")?;
     admin::revoke(&mut container, &mk, args.slot, args.force)?;
     drop(mk);
-    // AUDIT: revoked (vault, slot, by authority)
     println!(
         "Revoked {} of {}: its bytes are overwritten in both header copies.",
         describe_slot(&target),
@@ -631,7 +647,13 @@ fn revoke_inner(args: &RevokeArgs) -> Result<()> {
 
 pub fn header(cmd: HeaderCommand) -> Result<()> {
     match cmd {
-        HeaderCommand::Backup { vault, file } => header_backup(&vault, &file),
+        HeaderCommand::Backup { vault, file } => {
+            let result = header_backup(&vault, &file);
+            let event =
+                Event::new("header-backup", &vault).field("file", file.display().to_string());
+            audit_cmd::record_result(event, &result);
+            result
+        }
         HeaderCommand::Restore {
             vault,
             file,
@@ -639,9 +661,10 @@ pub fn header(cmd: HeaderCommand) -> Result<()> {
             force,
         } => {
             let result = header_restore(&vault, &file, yes, force);
-            if let Err(_err) = &result {
-                // AUDIT: header restore failed (vault, backup file, error)
-            }
+            let event = Event::new("header-restore", &vault)
+                .field("backup", file.display().to_string())
+                .field("forced", force);
+            audit_cmd::record_result(event, &result);
             result
         }
     }
@@ -656,7 +679,6 @@ fn header_backup(vault: &Path, file: &Path) -> Result<()> {
     let info = container.info().clone();
     drop(container);
     write_new_file(file, &bytes)?;
-    // AUDIT: header backup (vault, file)
     println!(
         "Backed up the header of {} (container {}, {} key slot(s)) to {}.",
         vault.display(),
@@ -747,7 +769,6 @@ fn header_restore(vault: &Path, file: &Path, yes: bool, force: bool) -> Result<(
         e @ ContainerError::Locked { .. } => in_use(vault, e),
         other => other.into(),
     })?;
-    // AUDIT: header restored (vault, backup file, slots before/after)
     println!(
         "Restored the header of {} from {}: key slots {}.",
         vault.display(),
@@ -808,9 +829,7 @@ pub fn policy(args: PolicyArgs) -> Result<()> {
         return Ok(());
     }
     let result = policy_inner(&args);
-    if let Err(_err) = &result {
-        // AUDIT: policy change failed (vault, error)
-    }
+    audit_cmd::record_result(Event::new("policy", &args.vault), &result);
     result
 }
 
@@ -840,7 +859,6 @@ fn policy_inner(args: &PolicyArgs) -> Result<()> {
     let mk = authorise(&container, &args.auth, &authority, "the policy change")?;
     admin::set_policy(&mut container, &mk, policy)?;
     drop(mk);
-    // AUDIT: policy changed (vault, old → new, by authority)
     println!("Set the policy of {}:", args.vault.display());
     for line in policy_lines(&policy) {
         println!("  {line}");
@@ -981,13 +999,21 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
     let (mk, slot) = match admin::unlock_recovery(&container, &key) {
         Ok(ok) => ok,
         Err(e) => {
-            // AUDIT: recovery unlock failed (vault, error)
-            return Err(e.into());
+            let err = anyhow::Error::from(e);
+            let event = Event::new("unlock", m.vault).field("with", "recovery key");
+            audit_cmd::record_failure(event, &err);
+            return Err(err);
         }
     };
     drop(key);
     keybound::secrets::scrub_stack();
-    // AUDIT: unlocked with the recovery key (vault, slot): untethered mount
+    audit_cmd::record(
+        Event::new("unlock", m.vault)
+            .slot(slot)
+            .field("with", "recovery key")
+            .field("tethered", false)
+            .ok(),
+    );
     let options = keybound::session::daemon::ServeOptions {
         read_only: m.read_only,
         allow_other: m.allow_other,
@@ -1007,7 +1033,17 @@ pub fn mount_recovery(m: RecoveryMount) -> Result<()> {
         let _ = std::io::stdout().flush();
     })?;
     keybound::secrets::scrub_stack();
-    // AUDIT: recovery mount ended (vault, reason)
+    let action = match ended.reason {
+        keybound::session::tether::LockReason::Unmounted => "unmount",
+        _ => "lock",
+    };
+    audit_cmd::record(
+        Event::new(action, m.vault)
+            .slot(slot)
+            .reason(ended.reason.kind())
+            .field("detail", ended.reason.describe(None))
+            .ok(),
+    );
     match ended.reason {
         keybound::session::tether::LockReason::Unmounted => Ok(()),
         reason => Err(exitcodes::Coded {

@@ -43,6 +43,14 @@ store it next to the vault; keep it offline (paper in a safe), and never paste i
 chat, ticket or shell history.";
 
 pub fn run(args: DumpKeyArgs) -> Result<()> {
+    let result = dump_key(&args);
+    // Who took the master key out, and when: the audit log keeps it.
+    let event = keybound::audit::Event::new("dump-key", &args.vault);
+    super::audit_cmd::record_result(event, &result);
+    result
+}
+
+fn dump_key(args: &DumpKeyArgs) -> Result<()> {
     // Everything that needs no secret first, as `mount` does: the container,
     // its lock (a mounted vault is refused) and the token to use.
     let header = Container::inspect(&args.vault)?;

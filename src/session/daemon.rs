@@ -65,6 +65,10 @@ pub fn serve(
             source: std::io::Error::other("a mount tethered to no token needs an idle limit"),
         });
     }
+    // First, before any thread starts (the store's writeback thread, FUSE, the
+    // commit timer, the watch): threads inherit the mask, and a signal meant to
+    // lock the vault must not find a thread that would let it kill the process.
+    let signals = Signals::block()?;
     let serial = tether.as_ref().map(|t| t.serial);
     let reader = tether.as_ref().map(|t| t.watch.reader());
     let store = container.into_store(master_key)?;
@@ -83,7 +87,6 @@ pub fn serve(
             detail: other.to_string(),
         },
     })?;
-    let signals = Signals::block()?;
     let mount_options = MountOptions {
         allow_other: options.allow_other,
         read_only: options.read_only,
