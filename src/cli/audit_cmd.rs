@@ -220,6 +220,8 @@ pub fn error_kind(code: i32) -> &'static str {
         C::SLOT_REFUSED => "slot-refused",
         C::HEADER_MISMATCH => "header-mismatch",
         C::NOT_CONFIRMED => "not-confirmed",
+        C::REKEY_UNFINISHED => "rekey-unfinished",
+        C::SLOT_PENDING => "slot-pending-activation",
         _ => "other",
     }
 }

@@ -253,9 +253,21 @@ fn print_header(vault: &std::path::Path, h: &HeaderInfo) {
             format_time(slot.created),
             if slot.flags.must_change_password {
                 "; TEMPORARY password (must be changed: keybound passwd)"
+            } else if h.pending_slots.contains(&slot.index) {
+                "; awaits activation after a rekey (its owner runs: keybound rekey VAULT --activate)"
             } else {
                 ""
             }
+        );
+    }
+    if let Some(r) = &h.rekey_in_progress {
+        println!(
+            "  rekey         UNFINISHED: {} of {} sectors under key epoch {}; \
+             run `keybound rekey {}` to finish it (the vault does not mount until then)",
+            r.done_sectors,
+            r.total_sectors,
+            r.new_epoch,
+            vault.display()
         );
     }
     // Admin: the vault policy (src/cli/admin_cmd.rs).
