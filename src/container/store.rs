@@ -20,8 +20,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::thread::JoinHandle;
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroize;
 
@@ -44,8 +43,12 @@ const IO_CHUNK_SECTORS: u64 = 256;
 /// stream of data does not push the metadata out of the cache.
 const CACHE_WRITE_PAGES: usize = 4;
 
-/// Written bytes after which the writeback thread asks the kernel to start
-/// writing the container's dirty pages out.
+/// Written bytes after which the kernel is asked to start writing the
+/// container's dirty pages out (`sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+/// which does not wait for the writes). With a lot of memory the kernel would
+/// otherwise keep everything dirty until the commit's `fdatasync`, which then
+/// writes it all while every request waits. Durability is unchanged: only
+/// `sync_data` promises anything.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
 /// Nonces drawn from the system's random source at once (one `getrandom`
@@ -112,81 +115,6 @@ impl Meta {
     }
 }
 
-/// Starts the kernel's writeback of the container in the background
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on its own thread, holding no
-/// lock) every [`WRITEBACK_BYTES`] written. With a lot of memory the kernel
-/// would otherwise keep everything dirty until the commit's `fdatasync`,
-/// which then writes it all while every request waits. Durability is
-/// unchanged: only `sync_data` promises anything.
-struct Writeback {
-    shared: Arc<(Mutex<(u64, bool)>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Writeback {
-    fn start(file: &File) -> Option<Writeback> {
-        use std::os::fd::AsRawFd;
-        let file = file.try_clone().ok()?;
-        let shared = Arc::new((Mutex::new((0u64, false)), Condvar::new()));
-        let theirs = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("keybound-writeback".into())
-            .spawn(move || {
-                let (lock, cv) = &*theirs;
-                let Ok(mut state) = lock.lock() else { return };
-                loop {
-                    while state.0 < WRITEBACK_BYTES && !state.1 {
-                        state = match cv.wait(state) {
-                            Ok(s) => s,
-                            Err(_) => return,
-                        };
-                    }
-                    if state.1 {
-                        return;
-                    }
-                    state.0 = 0;
-                    drop(state);
-                    // SAFETY: a valid fd owned by `file`; no memory is passed.
-                    unsafe {
-                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                    };
-                    state = match lock.lock() {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                }
-            })
-            .ok()?;
-        Some(Writeback {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    fn wrote(&self, bytes: u64) {
-        let (lock, cv) = &*self.shared;
-        if let Ok(mut state) = lock.lock() {
-            state.0 += bytes;
-            if state.0 >= WRITEBACK_BYTES {
-                cv.notify_one();
-            }
-        }
-    }
-}
-
-impl Drop for Writeback {
-    fn drop(&mut self) {
-        let (lock, cv) = &*self.shared;
-        if let Ok(mut state) = lock.lock() {
-            state.1 = true;
-        }
-        cv.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// An authentic copy of redb's page 0 in the shadow pair.
 #[derive(Clone, Copy)]
 struct Page0Copy {
@@ -223,8 +151,8 @@ pub struct SectorStore {
     damaged_sectors: Mutex<BTreeSet<u64>>,
     /// Set by tests that simulate a crash: drop then writes nothing.
     abandoned: AtomicBool,
-    /// None for a read-only store (or if the thread could not start).
-    writeback: Option<Writeback>,
+    /// Bytes written since writeback was last started.
+    unstarted: AtomicU64,
     #[cfg(test)]
     page0_tail_writes: AtomicU64,
 }
@@ -251,11 +179,6 @@ fn poisoned() -> io::Error {
 
 impl SectorStore {
     pub(crate) fn new(parts: StoreParts) -> Result<SectorStore, ContainerError> {
-        let writeback = if parts.read_only {
-            None
-        } else {
-            Writeback::start(&parts.file)
-        };
         let h = &parts.header;
         let live = Live {
             store_len: h.store_len,
@@ -285,7 +208,7 @@ impl SectorStore {
             damaged_reads: AtomicU64::new(0),
             damaged_sectors: Mutex::new(BTreeSet::new()),
             abandoned: AtomicBool::new(false),
-            writeback,
+            unstarted: AtomicU64::new(0),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
         };
@@ -819,12 +742,24 @@ impl SectorStore {
                 return Err(e);
             }
             self.file.write_all_at(&buf, sector_offset(run[0].0))?;
-            if let Some(wb) = &self.writeback {
-                wb.wrote(buf.len() as u64);
-            }
+            self.start_writeback(buf.len() as u64);
             at = end;
         }
         Ok(())
+    }
+
+    /// Note `bytes` written; every [`WRITEBACK_BYTES`], start the kernel's
+    /// writeback of the file without waiting for it.
+    fn start_writeback(&self, bytes: u64) {
+        use std::os::fd::AsRawFd;
+        let total = self.unstarted.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if total >= WRITEBACK_BYTES {
+            self.unstarted.store(0, Ordering::Release);
+            // SAFETY: a valid fd owned by `self.file`; no memory is passed.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
     }
 
     /// Count `n` seals against the budget, raising the reserve in the header
