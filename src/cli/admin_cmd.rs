@@ -37,19 +37,19 @@ pub struct AuthorityArgs {
     /// Authorise with this token key slot (its token must be plugged in).
     /// Default: the slot of the enrolled token that is plugged in.
     #[arg(long, value_name = "N", conflicts_with = "recovery_key_file")]
-    admin_slot: Option<u8>,
+    pub(super) admin_slot: Option<u8>,
     /// Authorise with the recovery key, read from FILE (`-` for stdin).
     #[arg(long, value_name = "FILE")]
-    recovery_key_file: Option<PathBuf>,
+    pub(super) recovery_key_file: Option<PathBuf>,
     /// The authorising slot's password, from FILE (`-` for stdin).
     #[arg(long, value_name = "FILE")]
-    password_file: Option<PathBuf>,
+    pub(super) password_file: Option<PathBuf>,
     /// The authorising token's PIN, from FILE (`-` for stdin).
     #[arg(long, value_name = "FILE")]
-    pin_file: Option<PathBuf>,
+    pub(super) pin_file: Option<PathBuf>,
     /// Allow spending a token's last PIN try.
     #[arg(long)]
-    allow_last_pin_try: bool,
+    pub(super) allow_last_pin_try: bool,
 }
 
 impl AuthorityArgs {
@@ -59,7 +59,7 @@ impl AuthorityArgs {
         self.admin_slot.is_some() || self.recovery_key_file.is_some()
     }
 
-    fn last_try(&self) -> LastTry {
+    pub(super) fn last_try(&self) -> LastTry {
         if self.allow_last_pin_try {
             LastTry::Allow
         } else {

@@ -23,9 +23,9 @@ use keybound::secrets::SecretBytes;
 use keybound::session::admin::rekey::{self as admin_rekey, AuthoritySecret};
 use keybound::session::admin::{self, Authority, Credentials, recovery};
 use keybound::session::registry;
-use keybound::token::LastTry;
 use serde::Serialize;
 
+use super::admin_cmd::AuthorityArgs;
 use super::{audit_cmd, exitcodes, prompt};
 
 #[derive(Args)]
@@ -54,22 +54,8 @@ pub struct RekeyArgs {
     /// its key slot authorises (or, with --activate, is activated).
     #[arg(long, conflicts_with = "admin_slot")]
     serial: Option<u32>,
-    /// Authorise with this token key slot (its token must be plugged in).
-    /// Default: the slot of the enrolled token that is plugged in.
-    #[arg(long, value_name = "N", conflicts_with = "recovery_key_file")]
-    admin_slot: Option<u8>,
-    /// Authorise with the recovery key, read from FILE (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    recovery_key_file: Option<PathBuf>,
-    /// The authorising slot's password, from FILE (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    password_file: Option<PathBuf>,
-    /// The authorising token's PIN, from FILE (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    pin_file: Option<PathBuf>,
-    /// Allow spending a token's last PIN try.
-    #[arg(long)]
-    allow_last_pin_try: bool,
+    #[command(flatten)]
+    auth: AuthorityArgs,
 }
 
 impl RekeyArgs {
@@ -92,14 +78,6 @@ impl RekeyArgs {
                     ),
                 })
             })
-    }
-
-    fn last_try(&self) -> LastTry {
-        if self.allow_last_pin_try {
-            LastTry::Allow
-        } else {
-            LastTry::Refuse
-        }
     }
 }
 
@@ -228,8 +206,8 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
     let authority = admin::choose_authority(
         &vault,
         &header,
-        args.slot_by(&header, args.admin_slot)?,
-        args.recovery_key_file.is_some(),
+        args.slot_by(&header, args.auth.admin_slot)?,
+        args.auth.recovery_key_file.is_some(),
         None,
     )?;
     let lost = admin_rekey::recovery_slots_lost(&container, &authority);
@@ -263,7 +241,7 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
     let (old, secret_holder, authority_slot) = match &authority {
         Authority::Token(choice) => {
             let password = prompt::secret(
-                args.password_file.as_deref(),
+                args.auth.password_file.as_deref(),
                 "password",
                 &format!(
                     "Password of key slot {} (token {}): ",
@@ -272,7 +250,7 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
                 "--password-file",
             )?;
             let pin = prompt::pin(
-                args.pin_file.as_deref(),
+                args.auth.pin_file.as_deref(),
                 &format!("PIN of token {}: ", choice.serial),
             )?;
             let mk = admin::authorise(
@@ -281,14 +259,14 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
                 Credentials::Token {
                     password: &password,
                     pin: &pin,
-                    last_try: args.last_try(),
+                    last_try: args.auth.last_try(),
                 },
             )?;
             event.update(|e| e.slot(choice.slot.index).token(choice.serial));
             (mk, password, choice.slot.index)
         }
         Authority::Recovery => {
-            let key = read_recovery_key(args.recovery_key_file.as_deref())?;
+            let key = read_recovery_key(args.auth.recovery_key_file.as_deref())?;
             let (mk, slot) = admin::unlock_recovery(&container, &key)?;
             event.update(|e| e.slot(slot).field("authority", "recovery key"));
             (mk, key, slot)
@@ -508,16 +486,22 @@ fn activate(args: &RekeyArgs, event: &mut Event) -> Result<()> {
         target.slot.index, target.serial
     );
     let password = prompt::secret(
-        args.password_file.as_deref(),
+        args.auth.password_file.as_deref(),
         "password",
         &format!("Password of key slot {}: ", target.slot.index),
         "--password-file",
     )?;
     let pin = prompt::pin(
-        args.pin_file.as_deref(),
+        args.auth.pin_file.as_deref(),
         &format!("PIN of token {}: ", target.serial),
     )?;
-    let mk = admin_rekey::activate(&mut container, &target, &password, &pin, args.last_try())?;
+    let mk = admin_rekey::activate(
+        &mut container,
+        &target,
+        &password,
+        &pin,
+        args.auth.last_try(),
+    )?;
     drop(mk);
     println!(
         "Activated key slot {} of {}: it opens the vault with the new master key.",
