@@ -19,8 +19,8 @@ APT_PACKAGES=(
     yubico-piv-tool # independent PIV client: tests and scripts check the software card with it
     libpcsclite-dev # the pcsc crate links libpcsclite
     pkg-config      # finds libpcsclite (and later libfuse3) for the build
-    fuse3           # fusermount3, /dev/fuse (vault mounts, later issues)
-    libfuse3-dev    # FUSE headers (later issues)
+    fuse3           # fusermount3, /dev/fuse: vault mounts
+    libfuse3-dev    # FUSE headers
     build-essential # cc: the Rust linker and C parts of crates
     ca-certificates # HTTPS for rustup and crates.io
     curl            # rustup installer, when Rust is missing
@@ -30,7 +30,7 @@ APT_PACKAGES=(
     linux-source    # /usr/src/linux-source-*.tar.xz, the untar workload of bench.sh
     xz-utils        # unpacks that tarball
     time            # /usr/bin/time: wall time and peak memory in the scripts
-    attr            # getfattr/setfattr: xattr checks by hand and in later issues
+    attr            # getfattr/setfattr: xattr checks by hand
     rsync           # backup of a mounted container (later issues)
     restic          # backup of a mounted container (later issues)
     shellcheck      # lints scripts/*.sh
