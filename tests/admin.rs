@@ -10,8 +10,7 @@ use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
-use common::SoftCard;
-use common::vault::{Fixture, assert_fails, assert_ok, stderr, stdout};
+use common::vault::{Fixture, assert_fails, assert_ok, s, second_card, stderr, stdout};
 
 /// Exit codes from docs/user-guide.md.
 const USAGE: i32 = 2;
@@ -35,25 +34,6 @@ const PASSWORD_2: &str = "second token's password";
 const HEADER_COPIES: [u64; 2] = [0, 16384];
 const SLOTS_AT: u64 = 128;
 const SLOT_SIZE: usize = 1024;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Card 2 in reader 1, provisioned with PIN_2.
-fn second_card(fx: &Fixture) -> SoftCard {
-    let card = SoftCard::insert(&fx.path("card2.json"), SERIAL_2, 1);
-    let pin = fx.secret("pin2", PIN_2);
-    assert_ok(&fx.run(&[
-        "token",
-        "setup",
-        "--serial",
-        &SERIAL_2.to_string(),
-        "--new-pin-file",
-        s(&pin),
-    ]));
-    card
-}
 
 /// `keybound ARGS` with the fastest KDF for commands that set a password.
 fn run_kdf(fx: &Fixture, args: &[&str]) -> Output {
@@ -97,7 +77,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn two_tokens_enrol_mount_reset_revoke() {
     let mut fx = Fixture::new(SERIAL_1);
     assert_ok(&fx.create(&[]));
-    let _card2 = second_card(&fx);
+    let _card2 = second_card(&fx, SERIAL_2, PIN_2);
     let pin2 = fx.secret("pin2", PIN_2);
     let pw2 = fx.secret("pw2", PASSWORD_2);
     let (pw1, pin1) = (fx.password.clone(), fx.pin.clone());
@@ -384,7 +364,7 @@ fn certificate_enrolment_and_header_backup_restore() {
     let serial2 = SERIAL_2.to_string();
 
     // Card 2 exports its certificate and leaves.
-    let mut card2 = second_card(&fx);
+    let mut card2 = second_card(&fx, SERIAL_2, PIN_2);
     let cert = fx.path("card2.pem");
     assert_ok(&fx.run(&["token", "export", "--serial", &serial2, "-o", s(&cert)]));
     card2.pull();

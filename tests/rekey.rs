@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::SoftCard;
-use common::vault::{Fixture, assert_fails, assert_ok, stderr, stdout};
+use common::vault::{
+    Fixture, assert_fails, assert_ok, content, s, second_card, stderr, stdout, tree_digests,
+};
 use keybound::crypto::{KeyPurpose, MasterKey, SectorCipher};
 use keybound::secrets::SecretBytes;
-use sha2::{Digest, Sha256};
 
 /// Exit codes from docs/user-guide.md.
 const REKEY_UNFINISHED: i32 = 46;
@@ -32,23 +32,6 @@ const PASSWORD_2: &str = "second token's password";
 const DATA_OFFSET: u64 = 65536;
 const SEALED: usize = 4124;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Deterministic, incompressible-looking bytes for file `seed`.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 /// A tree of `files` files (a few directories, sizes up to ~300 KiB).
 fn write_tree(root: &Path, files: u64) {
     for i in 0..files {
@@ -57,25 +40,6 @@ fn write_tree(root: &Path, files: u64) {
         let len = ((i * 7919) % 300_000 + 1000) as usize;
         fs::write(dir.join(format!("f{i}.bin")), content(i, len)).unwrap();
     }
-}
-
-/// Path (relative) → SHA-256 of every regular file under `root`.
-fn tree_digests(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                let digest = hex::encode(Sha256::digest(fs::read(&path).unwrap()));
-                out.insert(path.strip_prefix(root).unwrap().to_path_buf(), digest);
-            }
-        }
-    }
-    out
 }
 
 /// Mount, check the tree is exactly `expected`, unmount.
@@ -230,26 +194,11 @@ fn rekey_keeps_every_file_and_retires_the_old_key() {
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
 
-/// Card 2 in reader 1, provisioned with PIN_2.
-fn second_card(fx: &Fixture) -> SoftCard {
-    let card = SoftCard::insert(&fx.path("card2.json"), SERIAL_2, 1);
-    let pin = fx.secret("pin2", PIN_2);
-    assert_ok(&fx.run(&[
-        "token",
-        "setup",
-        "--serial",
-        &SERIAL_2.to_string(),
-        "--new-pin-file",
-        s(&pin),
-    ]));
-    card
-}
-
 #[test]
 fn other_slots_are_carried_over_and_a_revoked_slot_in_an_old_header_opens_nothing() {
     let fx = Fixture::new(SERIAL_1);
     assert_ok(&fx.create(&[]));
-    let _card2 = second_card(&fx);
+    let _card2 = second_card(&fx, SERIAL_2, PIN_2);
     let (pw1, pin1) = (fx.password.clone(), fx.pin.clone());
     let pw2 = fx.secret("pw2", PASSWORD_2);
     let pin2 = fx.secret("pin2", PIN_2);

@@ -3,15 +3,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::vault::{Fixture, assert_fails, assert_ok, stdout, wait_for_exit};
-use sha2::{Digest, Sha256};
+use common::vault::{
+    Fixture, assert_fails, assert_ok, content, stdout, tree_digests, wait_for_exit,
+};
 
 /// Exit codes from docs/user-guide.md.
 const NO_PCSCD: i32 = 10;
@@ -25,41 +25,6 @@ const EXISTS: i32 = 25;
 const NEEDS_RECOVERY: i32 = 27;
 
 const DATA_OFFSET: u64 = 65536;
-
-/// Deterministic, incompressible-looking bytes for file `seed`.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-/// Path (relative) → SHA-256 of every regular file under `root`.
-fn tree_digests(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                let mut hasher = Sha256::new();
-                let mut file = fs::File::open(&path).unwrap();
-                std::io::copy(&mut file, &mut hasher).unwrap();
-                let rel = path.strip_prefix(root).unwrap().to_path_buf();
-                out.insert(rel, hex::encode(hasher.finalize()));
-            }
-        }
-    }
-    out
-}
 
 /// Write a 200 MiB file in 1 MiB pieces.
 fn write_big_file(path: &Path, mib: usize) {

@@ -255,3 +255,59 @@ pub fn wait_for_exit(pid: u32, timeout: Duration) {
             .unwrap_or(true)
     });
 }
+
+/// `path` as `&str`, for argument lists.
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Deterministic, incompressible-looking bytes for file `seed`.
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Path (relative) → SHA-256 of every regular file under `root`.
+pub fn tree_digests(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let mut hasher = Sha256::new();
+                let mut file = std::fs::File::open(&path).unwrap();
+                std::io::copy(&mut file, &mut hasher).unwrap();
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, hex::encode(hasher.finalize()));
+            }
+        }
+    }
+    out
+}
+
+/// A second software card (`serial`) in reader 1, provisioned with `pin`.
+pub fn second_card(fx: &Fixture, serial: u32, pin: &str) -> SoftCard {
+    let card = SoftCard::insert(&fx.path("card2.json"), serial, 1);
+    let pin = fx.secret("pin2", pin);
+    assert_ok(&fx.run(&[
+        "token",
+        "setup",
+        "--serial",
+        &serial.to_string(),
+        "--new-pin-file",
+        s(&pin),
+    ]));
+    card
+}
