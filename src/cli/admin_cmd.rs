@@ -228,7 +228,7 @@ fn open_locked_vault(vault: &Path) -> Result<Container> {
     }
 }
 
-fn in_use(vault: &Path, err: ContainerError) -> anyhow::Error {
+pub(super) fn in_use(vault: &Path, err: ContainerError) -> anyhow::Error {
     match registry::find_by_container(vault) {
         Some(r) => exitcodes::Coded {
             code: exitcodes::VAULT_IN_USE,

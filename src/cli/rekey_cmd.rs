@@ -22,7 +22,6 @@ use keybound::crypto::MasterKey;
 use keybound::secrets::SecretBytes;
 use keybound::session::admin::rekey::{self as admin_rekey, AuthoritySecret};
 use keybound::session::admin::{self, Authority, Credentials, recovery};
-use keybound::session::registry;
 use serde::Serialize;
 
 use super::admin_cmd::AuthorityArgs;
@@ -151,24 +150,7 @@ pub fn run(args: RekeyArgs) -> Result<()> {
 fn open_locked(vault: &Path) -> Result<Container> {
     match Container::open(vault, Access::ReadWrite) {
         Ok(c) => Ok(c),
-        Err(e @ ContainerError::Locked { .. }) => Err(match registry::find_by_container(vault) {
-            Some(r) => exitcodes::Coded {
-                code: exitcodes::VAULT_IN_USE,
-                message: format!(
-                    "{} is mounted at {} (process {}); rekey works on a locked vault only: \
-                     keybound unmount {} first",
-                    vault.display(),
-                    r.mountpoint.display(),
-                    r.pid,
-                    r.mountpoint.display()
-                ),
-            }
-            .into(),
-            None => anyhow::Error::from(e).context(format!(
-                "rekey works on a locked vault only, and {} is in use",
-                vault.display()
-            )),
-        }),
+        Err(e @ ContainerError::Locked { .. }) => Err(super::admin_cmd::in_use(vault, e)),
         Err(e) => Err(e.into()),
     }
 }
