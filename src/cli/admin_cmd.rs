@@ -25,7 +25,7 @@ use keybound::session::admin::{
     recovery,
 };
 use keybound::session::{create, daemon, registry};
-use keybound::token::{self, LastTry, TokenPublicKey};
+use keybound::token::{self, LastTry, Pin, TokenPublicKey};
 
 use super::{audit_cmd, exitcodes, prompt};
 use keybound::audit::Event;
@@ -57,6 +57,28 @@ impl AuthorityArgs {
     /// someone else's slot (a passwd is then a reset).
     fn is_admin(&self) -> bool {
         self.admin_slot.is_some() || self.recovery_key_file.is_some()
+    }
+
+    /// The password of token key slot `slot` and the PIN of its token
+    /// `serial`, from --password-file / --pin-file or the terminal. `label`
+    /// starts the password prompt ("Password", "Current password").
+    pub(super) fn slot_secrets(
+        &self,
+        label: &str,
+        slot: u8,
+        serial: u32,
+    ) -> Result<(SecretBytes, Pin)> {
+        let password = prompt::secret(
+            self.password_file.as_deref(),
+            "password",
+            &format!("{label} of key slot {slot} (token {serial}): "),
+            "--password-file",
+        )?;
+        let pin = prompt::pin(
+            self.pin_file.as_deref(),
+            &format!("PIN of token {serial}: "),
+        )?;
+        Ok((password, pin))
     }
 
     pub(super) fn last_try(&self) -> LastTry {
@@ -259,19 +281,8 @@ fn authorise(
     eprintln!("Authorise {what} with {}.", authority.describe());
     match authority {
         Authority::Token(choice) => {
-            let password = prompt::secret(
-                auth.password_file.as_deref(),
-                "password",
-                &format!(
-                    "Password of key slot {} (token {}): ",
-                    choice.slot.index, choice.serial
-                ),
-                "--password-file",
-            )?;
-            let pin = prompt::pin(
-                auth.pin_file.as_deref(),
-                &format!("PIN of token {}: ", choice.serial),
-            )?;
+            let (password, pin) =
+                auth.slot_secrets("Password", choice.slot.index, choice.serial)?;
             Ok(admin::authorise(
                 container,
                 authority,
@@ -533,16 +544,9 @@ fn passwd_inner(args: &PasswdArgs) -> Result<()> {
             describe_slot(&target.slot),
             target.serial
         );
-        let old = prompt::secret(
-            args.auth.password_file.as_deref(),
-            "password",
-            &format!("Current password of key slot {}: ", target.slot.index),
-            "--password-file",
-        )?;
-        let pin = prompt::pin(
-            args.auth.pin_file.as_deref(),
-            &format!("PIN of token {}: ", target.serial),
-        )?;
+        let (old, pin) =
+            args.auth
+                .slot_secrets("Current password", target.slot.index, target.serial)?;
         admin::open_own_slot(&container, &target, &old, &pin, args.auth.last_try())?
     };
     let password = new_password(

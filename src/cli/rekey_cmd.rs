@@ -222,19 +222,9 @@ fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
     // The authority's secrets, kept until its slot is wrapped for the new key.
     let (old, secret_holder, authority_slot) = match &authority {
         Authority::Token(choice) => {
-            let password = prompt::secret(
-                args.auth.password_file.as_deref(),
-                "password",
-                &format!(
-                    "Password of key slot {} (token {}): ",
-                    choice.slot.index, choice.serial
-                ),
-                "--password-file",
-            )?;
-            let pin = prompt::pin(
-                args.auth.pin_file.as_deref(),
-                &format!("PIN of token {}: ", choice.serial),
-            )?;
+            let (password, pin) =
+                args.auth
+                    .slot_secrets("Password", choice.slot.index, choice.serial)?;
             let mk = admin::authorise(
                 &container,
                 &authority,
@@ -467,16 +457,9 @@ fn activate(args: &RekeyArgs, event: &mut Event) -> Result<()> {
         "Activating key slot {} (token {}) for the new master key: its password and PIN.",
         target.slot.index, target.serial
     );
-    let password = prompt::secret(
-        args.auth.password_file.as_deref(),
-        "password",
-        &format!("Password of key slot {}: ", target.slot.index),
-        "--password-file",
-    )?;
-    let pin = prompt::pin(
-        args.auth.pin_file.as_deref(),
-        &format!("PIN of token {}: ", target.serial),
-    )?;
+    let (password, pin) = args
+        .auth
+        .slot_secrets("Password", target.slot.index, target.serial)?;
     let mk = admin_rekey::activate(
         &mut container,
         &target,
