@@ -561,12 +561,17 @@ impl Container {
         writer
             .write(&self.file, &mut header, &mac)
             .map_err(io_err(&self.path, "write the header of"))?;
+        self.reload()
+    }
+
+    /// Read the header back after writing it, through a second descriptor:
+    /// the original one is kept because it holds the lock.
+    fn reload(&mut self) -> Result<(), ContainerError> {
         let file = self
             .file
             .try_clone()
             .map_err(io_err(&self.path, "reopen"))?;
         let fresh = Container::from_file(&self.path, file, self.access)?;
-        // Keep the original descriptor: it holds the lock.
         self.header = fresh.header;
         self.raw = fresh.raw;
         self.used = fresh.used;

@@ -370,19 +370,6 @@ impl Container {
         self.reload()
     }
 
-    fn reload(&mut self) -> Result<(), ContainerError> {
-        let file = self
-            .file
-            .try_clone()
-            .map_err(io_err(&self.path, "reopen"))?;
-        let fresh = Container::from_file(&self.path, file, self.access)?;
-        self.header = fresh.header;
-        self.raw = fresh.raw;
-        self.used = fresh.used;
-        self.info = fresh.info;
-        Ok(())
-    }
-
     /// Start a rotation: a new master key, sealed under the link key of
     /// `old` in a rekey record written to both header copies (so that even
     /// a copy damaged later leaves one that knows about the rotation). No
