@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::vault::{assert_fails, assert_ok, stdout};
 use common::{KEYBOUND_BIN, ReadersLock, SoftCard};
 use keybound::token::{
     EphemeralShare, LastTry, Pin, Presence, Token, TokenError, TokenPublicKey, Watch,
@@ -54,40 +55,6 @@ fn keybound_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("run keybound")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "keybound failed ({:?})\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    );
-}
-
-#[track_caller]
-fn assert_fails(out: &Output, code: i32, message_parts: &[&str]) {
-    let err = stderr(out);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stderr: {err}\nstdout: {}",
-        stdout(out)
-    );
-    for part in message_parts {
-        assert!(err.contains(part), "expected {part:?} in: {err}");
-    }
-    assert!(!err.contains("panicked"), "panic: {err}");
 }
 
 fn list_json() -> serde_json::Value {
