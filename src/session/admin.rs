@@ -22,15 +22,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::SessionError;
-use super::create::{Binding, MIN_PASSWORD_LEN};
+use super::create::{Binding, MIN_PASSWORD_LEN, TokenSlot};
 use super::unlock::{self, Choice};
 use crate::container::{
     Container, ContainerError, HeaderInfo, NewSlot, NewSlotKind, Policy, SlotFlags, SlotInfo,
     SlotKind,
 };
 use crate::crypto::{
-    Argon2Params, CryptoError, MasterKey, argon2id, calibrate, key_encryption_key, random_salt,
-    recovery_kek, slot_info,
+    Argon2Params, CryptoError, MasterKey, calibrate, random_salt, recovery_kek, slot_info,
 };
 use crate::secrets::{SecretBytes, SecretError};
 use crate::token::{self, EphemeralShare, LastTry, Pin, TokenError, TokenPublicKey};
@@ -537,11 +536,11 @@ pub fn enroll(
     let vault = container.path().to_path_buf();
     let header = container.info().clone();
     let index = free_slot(&vault, &header)?;
-    let info = slot_info(&header.id, index);
-    let salt = random_salt()?;
     let mut notes = Vec::new();
     let (card_key, serial, piv_slot, secret, must_change) = match what {
         Enrolment::Recovery => {
+            let info = slot_info(&header.id, index);
+            let salt = random_salt()?;
             let key = recovery::generate()?;
             let slot = NewSlot {
                 index,
@@ -608,21 +607,16 @@ pub fn enroll(
     };
     let password = password.expect("a token slot needs a password");
     let argon = kdf_params(&header.policy, kdf)?;
-    let password_hash = argon2id(password, &salt, argon)?;
-    let kek = key_encryption_key(secret.secret.expose(), &password_hash, &salt, &info)?;
-    let slot = NewSlot {
+    let slot = TokenSlot {
+        container_id: &header.id,
         index,
         label,
-        salt,
-        kind: NewSlotKind::Token {
-            serial,
-            piv_slot,
-            card_public: sec1_array(&card_key),
-            ephemeral_public: sec1_array(&secret.ephemeral_public),
-            argon,
-        },
-        kek,
-    };
+        serial,
+        piv_slot,
+        card_key: &card_key,
+        argon,
+    }
+    .wrap(&secret, password)?;
     container.add_slot_with_flags(
         mk,
         slot,
@@ -639,12 +633,6 @@ pub fn enroll(
         recovery_key: None,
         notes,
     })
-}
-
-fn sec1_array(key: &TokenPublicKey) -> [u8; 65] {
-    let mut out = [0u8; 65];
-    out.copy_from_slice(&key.to_sec1());
-    out
 }
 
 // ------------------------------------------------------------ passwd ----
@@ -711,24 +699,17 @@ pub fn rewrap(
     let policy = container.info().policy;
     let card_key = TokenPublicKey::from_sec1(card_public)?;
     let share = EphemeralShare::new(&card_key)?;
-    let salt = random_salt()?;
     let argon = kdf_params(&policy, kdf)?;
-    let password_hash = argon2id(new_password, &salt, argon)?;
-    let info = slot_info(&container.info().id, target.index);
-    let kek = key_encryption_key(share.secret.expose(), &password_hash, &salt, &info)?;
-    let slot = NewSlot {
+    let slot = TokenSlot {
+        container_id: &container.info().id,
         index: target.index,
         label: target.label.clone(),
-        salt,
-        kind: NewSlotKind::Token {
-            serial: *serial,
-            piv_slot: *piv_slot,
-            card_public: *card_public,
-            ephemeral_public: sec1_array(&share.ephemeral_public),
-            argon,
-        },
-        kek,
-    };
+        serial: *serial,
+        piv_slot: *piv_slot,
+        card_key: &card_key,
+        argon,
+    }
+    .wrap(&share, new_password)?;
     container.replace_slot(
         mk,
         slot,

@@ -14,11 +14,12 @@ use crate::container::{
     Container, CreateOptions, HeaderInfo, NewSlot, NewSlotKind, new_container_id,
 };
 use crate::crypto::{
-    Argon2Params, MasterKey, argon2id, calibrate, key_encryption_key, random_salt, slot_info,
+    Argon2Params, CONTAINER_ID_LEN, MasterKey, argon2id, calibrate, key_encryption_key,
+    random_salt, slot_info,
 };
 use crate::fs::Fs;
 use crate::secrets::SecretBytes;
-use crate::token::{EphemeralShare, LastTry, Pin, Token, TokenError};
+use crate::token::{EphemeralShare, LastTry, Pin, Token, TokenError, TokenPublicKey};
 
 /// The shortest password `create` accepts (admins may raise it per vault later).
 pub const MIN_PASSWORD_LEN: usize = 8;
@@ -131,29 +132,18 @@ pub fn create(
     drop(token);
 
     let argon = calibrate(req.kdf_time, req.kdf_memory_kib)?;
-    let salt = random_salt()?;
-    let password_hash = argon2id(password, &salt, argon)?;
     let id = new_container_id()?;
-    let kek = key_encryption_key(
-        share.secret.expose(),
-        &password_hash,
-        &salt,
-        &slot_info(&id, 0),
-    )?;
-    let master_key = MasterKey::generate()?;
-    let slot = NewSlot {
+    let slot = TokenSlot {
+        container_id: &id,
         index: 0,
         label: req.label.clone(),
-        salt,
-        kind: NewSlotKind::Token {
-            serial,
-            piv_slot,
-            card_public: sec1_array(&card_key),
-            ephemeral_public: sec1_array(&share.ephemeral_public),
-            argon,
-        },
-        kek,
-    };
+        serial,
+        piv_slot,
+        card_key: &card_key,
+        argon,
+    }
+    .wrap(&share, password)?;
+    let master_key = MasterKey::generate()?;
     let options = CreateOptions {
         id,
         fixed_size: req.fixed_size,
@@ -193,7 +183,51 @@ fn make_filesystem(
     })
 }
 
-fn sec1_array(key: &crate::token::TokenPublicKey) -> [u8; 65] {
+/// A token key slot to write: which card key, and how the password is hashed.
+/// [`TokenSlot::wrap`] is the one place that turns a password and the card's
+/// key agreement into a slot's KEK (docs/FORMAT.md §2), for create, enroll,
+/// passwd and rekey alike.
+pub struct TokenSlot<'a> {
+    pub container_id: &'a [u8; CONTAINER_ID_LEN],
+    pub index: u8,
+    pub label: String,
+    pub serial: u32,
+    pub piv_slot: u8,
+    pub card_key: &'a TokenPublicKey,
+    pub argon: Argon2Params,
+}
+
+impl TokenSlot<'_> {
+    /// The slot for `password`, with a fresh salt, wrapping with the KEK of
+    /// `share` (an ephemeral key agreement with the card key) and the
+    /// password's Argon2id hash.
+    pub fn wrap(
+        self,
+        share: &EphemeralShare,
+        password: &SecretBytes,
+    ) -> Result<NewSlot, SessionError> {
+        let salt = random_salt()?;
+        let password_hash = argon2id(password, &salt, self.argon)?;
+        let info = slot_info(self.container_id, self.index);
+        let kek = key_encryption_key(share.secret.expose(), &password_hash, &salt, &info)?;
+        Ok(NewSlot {
+            index: self.index,
+            label: self.label,
+            salt,
+            kind: NewSlotKind::Token {
+                serial: self.serial,
+                piv_slot: self.piv_slot,
+                card_public: sec1_array(self.card_key),
+                ephemeral_public: sec1_array(&share.ephemeral_public),
+                argon: self.argon,
+            },
+            kek,
+        })
+    }
+}
+
+/// A public key in SEC1 uncompressed form, as key slots store it.
+pub fn sec1_array(key: &TokenPublicKey) -> [u8; 65] {
     let mut out = [0u8; 65];
     out.copy_from_slice(&key.to_sec1());
     out

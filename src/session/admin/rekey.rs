@@ -23,6 +23,7 @@ use crate::crypto::{
 };
 use crate::secrets::SecretBytes;
 use crate::session::SessionError;
+use crate::session::create::{TokenSlot, sec1_array};
 use crate::session::unlock::Choice;
 use crate::token::{EphemeralShare, LastTry, Pin, Token, TokenPublicKey};
 
@@ -76,22 +77,17 @@ pub fn carry_plan(
             ) if slot.index == authority_slot => {
                 let card_key = TokenPublicKey::from_sec1(card_public)?;
                 let share = EphemeralShare::new(&card_key)?;
-                let salt = random_salt()?;
-                let hash = argon2id(password, &salt, *argon)?;
-                let kek = key_encryption_key(share.secret.expose(), &hash, &salt, &info)?;
-                plan.push(SlotCarry::Rewrap(NewSlot {
+                let slot = TokenSlot {
+                    container_id: &header.id,
                     index: slot.index,
                     label: slot.label.clone(),
-                    salt,
-                    kind: NewSlotKind::Token {
-                        serial: *serial,
-                        piv_slot: *piv_slot,
-                        card_public: *card_public,
-                        ephemeral_public: sec1(&share.ephemeral_public),
-                        argon: *argon,
-                    },
-                    kek,
-                }));
+                    serial: *serial,
+                    piv_slot: *piv_slot,
+                    card_key: &card_key,
+                    argon: *argon,
+                }
+                .wrap(&share, password)?;
+                plan.push(SlotCarry::Rewrap(slot));
             }
             (SlotKind::Recovery, AuthoritySecret::RecoveryKey { key, slot: opened })
                 if slot.index == *opened =>
@@ -110,7 +106,7 @@ pub fn carry_plan(
                 let share = EphemeralShare::new(&card_key)?;
                 plan.push(SlotCarry::Link {
                     index: slot.index,
-                    ephemeral_public: sec1(&share.ephemeral_public),
+                    ephemeral_public: sec1_array(&share.ephemeral_public),
                     secret: SecretBytes::from_slice(share.secret.expose())?,
                 });
             }
@@ -130,12 +126,6 @@ pub fn carry_plan(
         }
     }
     Ok(plan)
-}
-
-fn sec1(key: &TokenPublicKey) -> [u8; 65] {
-    let mut out = [0u8; 65];
-    out.copy_from_slice(&key.to_sec1());
-    out
 }
 
 /// Activate a slot carried over by a rotation, with its own token, PIN and
