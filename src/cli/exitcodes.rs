@@ -83,6 +83,15 @@ pub const REKEY_UNFINISHED: i32 = 46;
 /// The key slot was carried over by a rotation and awaits `keybound rekey VAULT --activate`.
 pub const SLOT_PENDING: i32 = 47;
 
+// Backups (backup, snapshot, verify).
+/// The vault locked or unmounted while a backup or snapshot held it, and the
+/// copy could not be retaken: the copy may be torn; run the command again.
+pub const HOLD_BROKEN: i32 = 50;
+/// `keybound verify` found damage (a header copy, the geometry, a sector, the filesystem).
+pub const VERIFY_DAMAGE: i32 = 51;
+/// `backup --incremental`: the destination is not a copy of this vault.
+pub const BACKUP_MISMATCH: i32 = 52;
+
 /// The exit status of a mount daemon that locked for `reason`.
 pub fn for_lock_reason(reason: &LockReason) -> i32 {
     match reason {

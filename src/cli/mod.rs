@@ -2,6 +2,7 @@
 
 mod admin_cmd;
 mod audit_cmd;
+mod backup_cmd;
 mod dumpkey_cmd;
 pub mod exitcodes;
 mod mount_cmd;
@@ -9,6 +10,7 @@ mod prompt;
 mod rekey_cmd;
 mod token_cmd;
 mod vault_cmd;
+mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -69,6 +71,15 @@ pub enum Command {
     /// The audit log: check its hash chain, show its entries.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// Copy a vault (mounted or not) to a consistent backup, no key needed; `--incremental`
+    /// rewrites only what changed.
+    Backup(backup_cmd::BackupArgs),
+    /// Run a command (rsync, restic, …) while the vault's container holds still, so it copies
+    /// a consistent file; no key needed.
+    Snapshot(backup_cmd::SnapshotArgs),
+    /// Check a container (or a backup copy): headers and geometry without keys; with
+    /// `--deep`, password and token, every sector and the filesystem.
+    Verify(verify_cmd::VerifyArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -91,5 +102,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Header(cmd) => admin_cmd::header(cmd),
         Command::Policy(args) => admin_cmd::policy(args),
         Command::Audit(cmd) => audit_cmd::run(cmd),
+        Command::Backup(args) => backup_cmd::backup(args),
+        Command::Snapshot(args) => backup_cmd::snapshot(args),
+        Command::Verify(args) => verify_cmd::run(args),
     }
 }
