@@ -4,6 +4,7 @@
 use keybound::container::ContainerError;
 use keybound::session::SessionError;
 use keybound::session::admin::{AdminError, RecoveryKeyError};
+use keybound::session::backup::BackupError;
 use keybound::session::tether::LockReason;
 use keybound::token::{Presence, TokenError};
 
@@ -199,11 +200,27 @@ pub fn for_session_error(err: &SessionError) -> i32 {
     }
 }
 
+/// The exit code for a backup error.
+pub fn for_backup_error(err: &BackupError) -> i32 {
+    use BackupError as E;
+    match err {
+        E::Container(c) => for_container_error(c),
+        E::Busy { .. } => VAULT_IN_USE,
+        E::HoldBroken { .. } => HOLD_BROKEN,
+        E::NotACopy { .. } | E::NoCopyToUpdate { .. } => BACKUP_MISMATCH,
+        E::SameFile { .. } | E::KeepNeedsDirectory { .. } => USAGE,
+        E::Io { .. } | E::Control { .. } => OTHER,
+    }
+}
+
 /// The exit code for any error the CLI returns: the most specific cause wins.
 pub fn for_error(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(coded) = cause.downcast_ref::<Coded>() {
             return coded.code;
+        }
+        if let Some(b) = cause.downcast_ref::<BackupError>() {
+            return for_backup_error(b);
         }
         if let Some(a) = cause.downcast_ref::<AdminError>() {
             return for_admin_error(a);

@@ -17,9 +17,20 @@ use super::error::ContainerError;
 
 /// Take the exclusive lock without waiting.
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<(), ContainerError> {
+    try_flock(file, path, libc::LOCK_EX)
+}
+
+/// Take a shared lock without waiting: no mount or admin command (they lock
+/// exclusively) can start while it is held, so the file holds still for a
+/// copy. Several shared holders may coexist.
+pub fn lock_shared(file: &File, path: &Path) -> Result<(), ContainerError> {
+    try_flock(file, path, libc::LOCK_SH)
+}
+
+fn try_flock(file: &File, path: &Path, kind: libc::c_int) -> Result<(), ContainerError> {
     loop {
         // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(());
         }

@@ -15,6 +15,7 @@
 mod backup;
 mod cache;
 mod error;
+mod freeze;
 mod header;
 pub mod layout;
 mod lock;
@@ -34,8 +35,10 @@ use serde::Serialize;
 
 pub use backup::{BACKUP_LEN, RestoreReport, inspect_backup, restore_header};
 pub use error::ContainerError;
+pub use freeze::{FreezeError, FreezeGate, Thawed};
 pub use header::Policy;
 pub use layout::SECTOR_SIZE;
+pub use lock::lock_shared;
 pub use rekey::{ReencryptReport, RekeyProgress, RekeyStatus, SlotCarry};
 pub use slot::{NewSlot, NewSlotKind, SlotFlags, SlotInfo, SlotKind};
 pub use store::{DEFAULT_CACHE_BYTES, SectorStore};

@@ -20,13 +20,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroize;
 
 use super::cache::SectorCache;
 use super::error::ContainerError;
 use super::fill_random;
+use super::freeze::FreezeGate;
 use super::header::{Header, HeaderWriter};
 use super::layout::*;
 use crate::crypto::{CONTAINER_ID_LEN, HeaderMac, NONCE_LEN, SectorCipher, TAG_LEN};
@@ -153,6 +154,8 @@ pub struct SectorStore {
     abandoned: AtomicBool,
     /// Bytes written since writeback was last started.
     unstarted: AtomicU64,
+    /// Every change to the file passes here, so a backup can hold it still.
+    gate: Arc<FreezeGate>,
     #[cfg(test)]
     page0_tail_writes: AtomicU64,
 }
@@ -209,6 +212,7 @@ impl SectorStore {
             damaged_sectors: Mutex::new(BTreeSet::new()),
             abandoned: AtomicBool::new(false),
             unstarted: AtomicU64::new(0),
+            gate: Arc::default(),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
         };
@@ -246,6 +250,11 @@ impl SectorStore {
             .read()
             .map(|l| l.extent.saturating_sub(1) * S)
             .unwrap_or(0)
+    }
+
+    /// The gate a backup closes to hold the file still (see [`FreezeGate`]).
+    pub fn freeze_gate(&self) -> Arc<FreezeGate> {
+        self.gate.clone()
     }
 
     pub fn container_path(&self) -> &Path {
@@ -948,25 +957,34 @@ impl redb::StorageBackend for SectorStore {
         self.read_impl(offset, out)
     }
 
+    // Each change to the file passes the freeze gate once, here at the entry
+    // points (never nested: a change waiting inside another would deadlock a
+    // freeze that waits for the first to finish).
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        let _change = self.gate.change();
         self.set_len_impl(len)
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
+        let _change = self.gate.change();
         self.sync_impl()
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        let _change = self.gate.change();
         self.write_impl(offset, data)
     }
 
     fn close(&self) -> Result<(), io::Error> {
+        let _change = self.gate.change();
         self.close_impl()
     }
 }
 
 impl Drop for SectorStore {
     fn drop(&mut self) {
+        let gate = self.gate.clone();
+        let _change = gate.change();
         if let Err(e) = self.close_impl() {
             tracing::error!(
                 container = %self.path.display(),

@@ -61,6 +61,12 @@ pub trait Storage: redb::StorageBackend {
     fn capacity(&self) -> Option<u64>;
     /// Host filesystem free bytes where the container lives (for statfs of growing vaults).
     fn host_free_bytes(&self) -> std::io::Result<u64>;
+    /// Whether a backup is holding the storage still: the periodic commit then waits (writes
+    /// stay in the open transaction) instead of blocking on the storage with the filesystem
+    /// held. An explicit commit (fsync, unmount) still waits for the hold to end.
+    fn holds_commits(&self) -> bool {
+        false
+    }
 }
 
 /// Who asks: the uid and gid new inodes get.
@@ -371,7 +377,12 @@ impl Fs {
     /// own duration.
     pub fn commit_if_dirty_older_than(&mut self, age: Duration) -> FsResult<()> {
         match self.dirty_since {
-            Some(t) if t.elapsed() >= age && !self.damaged => self.commit(),
+            Some(t) if t.elapsed() >= age && !self.damaged => {
+                if self.backend.storage.holds_commits() {
+                    return Ok(());
+                }
+                self.commit()
+            }
             _ => Ok(()),
         }
     }

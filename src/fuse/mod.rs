@@ -83,6 +83,20 @@ impl Activity {
 /// The commit timer thread and its stop flag.
 type Timer = (JoinHandle<()>, Arc<(Mutex<bool>, Condvar)>);
 
+/// Commits a mounted filesystem from any thread, between requests.
+#[derive(Clone)]
+pub struct Committer(SharedFs);
+
+impl Committer {
+    /// Commits now; fails once the filesystem is closed.
+    pub fn commit(&self) -> FsResult<()> {
+        lock(&self.0)
+            .as_mut()
+            .map(Fs::commit)
+            .unwrap_or(Err(FsError::Failed))
+    }
+}
+
 /// A mounted filesystem. Dropping it unmounts (lazily and aborting the connection if the mount
 /// is busy), which commits and closes the filesystem.
 pub struct MountHandle {
@@ -313,7 +327,13 @@ impl MountHandle {
 
     /// Commits now.
     pub fn sync(&self) -> FsResult<()> {
-        self.with_fs(Fs::commit).unwrap_or(Err(FsError::Failed))
+        self.committer().commit()
+    }
+
+    /// Something another thread can commit the filesystem with (the control socket, before
+    /// a backup holds the container still).
+    pub fn committer(&self) -> Committer {
+        Committer(self.fs.clone())
     }
 
     /// Waits until the filesystem is unmounted from outside (`umount`, `fusermount3 -u`); the

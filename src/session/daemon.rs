@@ -4,14 +4,15 @@
 //! (see [`super::tether`]), and ends cleanly when unmounted from outside.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::registry::{self, MountRecord};
 use super::storage::EncryptedStorage;
 use super::tether::{self, LockReason, Signals, Trigger};
-use super::{SessionError, mountpoint};
-use crate::container::Container;
+use super::{SessionError, control, mountpoint};
+use crate::container::{Container, FreezeGate};
 use crate::crypto::MasterKey;
 use crate::fs::{Fs, FsError};
 use crate::fuse::{self, MountHandle, MountOptions};
@@ -72,6 +73,7 @@ pub fn serve(
     let serial = tether.as_ref().map(|t| t.serial);
     let reader = tether.as_ref().map(|t| t.watch.reader());
     let store = container.into_store(master_key)?;
+    let gate = store.freeze_gate();
     let storage = std::sync::Arc::new(EncryptedStorage::new(store));
     let fs = Fs::open(storage, options.read_only).map_err(|e| match e {
         // redb replays its last commit on open after a crash; read-only, it cannot.
@@ -104,6 +106,7 @@ pub fn serve(
         tether::spawn_token_watch(t.watch, tx.clone());
     }
     signals.spawn(tx);
+    let control = serve_control(&handle, gate.clone());
     let record = MountRecord {
         pid: std::process::id(),
         container: vault.clone(),
@@ -143,7 +146,10 @@ pub fn serve(
     if trigger.reason != LockReason::Unmounted {
         tracing::info!(reason = %why, "locking");
     }
+    // Locking commits, which writes: a backup's hold gives way (and is told so).
+    gate.break_freeze();
     let result = finish(handle, &trigger.reason);
+    drop(control);
     drop(registration);
     let ended = Ended {
         took: trigger.at.elapsed(),
@@ -166,6 +172,26 @@ pub fn serve(
         );
     }
     Ok(ended)
+}
+
+/// Listen for backups asking to hold the container still. Without the socket
+/// the vault still works; only `keybound backup` of it will say it cannot.
+fn serve_control(handle: &MountHandle, gate: Arc<FreezeGate>) -> Option<control::ControlServer> {
+    let committer = handle.committer();
+    let commit: control::Commit = Box::new(move || committer.commit().map_err(|e| e.to_string()));
+    let socket = registry::control_socket(std::process::id());
+    let listening =
+        registry::create_mounts_dir().and_then(|_| control::listen(&socket, gate, commit));
+    match listening {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                "cannot listen on {}: {e}; `keybound backup` cannot hold this mount",
+                socket.display()
+            );
+            None
+        }
+    }
 }
 
 /// Block until something ends the mount.

@@ -6,6 +6,8 @@
 //! store and hands it to the FUSE adapter. Nothing here prints.
 
 pub mod admin;
+pub mod backup;
+pub mod control;
 pub mod create;
 pub mod daemon;
 pub mod mountpoint;

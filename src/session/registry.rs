@@ -64,6 +64,18 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// The control socket of the mount daemon `pid` (see [`super::control`]).
+pub fn control_socket(pid: u32) -> PathBuf {
+    mounts_dir().join(format!("{pid}.sock"))
+}
+
+/// Create the directory the records and control sockets live in (0700).
+pub fn create_mounts_dir() -> io::Result<PathBuf> {
+    let dir = mounts_dir();
+    create_private_dir(&dir)?;
+    Ok(dir)
+}
+
 /// The daemon's log file for a mount (created by the caller).
 pub fn log_path(pid: u32) -> io::Result<PathBuf> {
     let dir = runtime_dir().join("logs");
@@ -92,8 +104,7 @@ impl Drop for Registration {
 
 /// Write `record` (atomically: temp file + rename).
 pub fn register(record: &MountRecord) -> io::Result<Registration> {
-    let dir = mounts_dir();
-    create_private_dir(&dir)?;
+    let dir = create_mounts_dir()?;
     let path = dir.join(format!("{}.json", record.pid));
     let tmp = dir.join(format!(".{}.json.tmp", record.pid));
     let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;

@@ -3,19 +3,22 @@
 //! filesystem asks for.
 
 use std::io;
+use std::sync::Arc;
 
 use redb::StorageBackend;
 
-use crate::container::SectorStore;
+use crate::container::{FreezeGate, SectorStore};
 
 #[derive(Debug)]
 pub(crate) struct EncryptedStorage {
     store: SectorStore,
+    gate: Arc<FreezeGate>,
 }
 
 impl EncryptedStorage {
     pub(crate) fn new(store: SectorStore) -> Self {
-        EncryptedStorage { store }
+        let gate = store.freeze_gate();
+        EncryptedStorage { store, gate }
     }
 }
 
@@ -56,6 +59,10 @@ impl crate::fs::Storage for EncryptedStorage {
 
     fn host_free_bytes(&self) -> io::Result<u64> {
         host_free_bytes(self.store.container_path())
+    }
+
+    fn holds_commits(&self) -> bool {
+        self.gate.is_frozen()
     }
 }
 
