@@ -46,7 +46,12 @@ pub(crate) struct Adapter {
     pub known: KnownInodes,
     /// When a request last came in (for the idle lock).
     pub activity: Arc<super::Activity>,
+    /// Called once `destroy` closed the filesystem (an unmount from outside).
+    pub on_close: OnClose,
 }
+
+/// What to tell when the kernel ended the session (see [`super::MountHandle::on_close`]).
+pub(crate) type OnClose = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
 
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
@@ -170,6 +175,14 @@ impl Filesystem for Adapter {
                 tracing::error!("closing the vault's filesystem failed: {e}");
             }
             *self.closed.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+            let tell = self
+                .on_close
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(tell) = tell {
+                tell();
+            }
         }
     }
 

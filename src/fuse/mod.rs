@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
 
 use crate::fs::{Fs, FsError, FsResult};
-use adapter::{Adapter, KnownInodes, SharedFs, lock};
+use adapter::{Adapter, KnownInodes, OnClose, SharedFs, lock};
 
 /// How often the timer looks for changes to commit.
 pub const COMMIT_TICK: Duration = Duration::from_millis(250);
@@ -103,6 +103,7 @@ pub struct MountHandle {
     session: Option<BackgroundSession>,
     fs: SharedFs,
     closed: Arc<Mutex<Option<FsResult<()>>>>,
+    on_close: OnClose,
     known: KnownInodes,
     timer: Option<Timer>,
     mountpoint: PathBuf,
@@ -149,11 +150,13 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
     let closed = Arc::new(Mutex::new(None));
     let known = KnownInodes::default();
     let activity = Arc::new(Activity::default());
+    let on_close = OnClose::default();
     let adapter = Adapter {
         fs: shared.clone(),
         closed: closed.clone(),
         known: known.clone(),
         activity: activity.clone(),
+        on_close: on_close.clone(),
     };
     let session = fuser::Session::new(adapter, mountpoint, &config(opts))?.spawn()?;
     let connection = connection_id(mountpoint);
@@ -162,6 +165,7 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
         timer: Some(start_timer(shared.clone())),
         fs: shared,
         closed,
+        on_close,
         known,
         mountpoint: mountpoint.to_path_buf(),
         connection,
@@ -268,6 +272,12 @@ impl MountHandle {
     /// When the mount last served a request.
     pub fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// Call `tell` once the kernel ends the session and the filesystem is closed (an
+    /// unmount from outside), so the owner need not poll [`MountHandle::is_finished`].
+    pub fn on_close(&self, tell: impl FnOnce() + Send + 'static) {
+        *self.on_close.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(tell));
     }
 
     /// Whether the session has ended: the mount was unmounted from outside.

@@ -105,6 +105,14 @@ pub fn serve(
     if let Some(t) = tether {
         tether::spawn_token_watch(t.watch, tx.clone());
     }
+    // An unmount from outside is noticed at once, not at the next tick.
+    let unmounted = tx.clone();
+    handle.on_close(move || {
+        let _ = unmounted.send(Trigger {
+            reason: LockReason::Unmounted,
+            at: Instant::now(),
+        });
+    });
     signals.spawn(tx);
     let control = serve_control(&handle, gate.clone());
     let record = MountRecord {
