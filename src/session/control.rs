@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::container::{FreezeGate, Thawed};
+use crate::container::{FreezeError, FreezeGate, Thawed};
 
 /// The longest a hold lasts; then the daemon releases it (and the client's
 /// `release` is answered `broken`).
@@ -133,6 +133,12 @@ fn serve_client(stream: UnixStream, gate: &FreezeGate, commit: &Commit) -> io::R
     lines.read_line(&mut line)?;
     if line.trim() != "hold" {
         writeln!(reply, "error unknown request")?;
+        return Ok(());
+    }
+    // A second backup is turned away before the commit, which would wait for
+    // the first one's hold while holding the filesystem.
+    if gate.is_frozen() {
+        writeln!(reply, "error {}", FreezeError::AlreadyFrozen)?;
         return Ok(());
     }
     if let Err(e) = commit() {
