@@ -22,6 +22,7 @@ mod lock;
 mod rekey;
 mod slot;
 mod store;
+mod verify;
 
 #[cfg(test)]
 mod tests;
@@ -41,7 +42,11 @@ pub use layout::SECTOR_SIZE;
 pub use lock::lock_shared;
 pub use rekey::{ReencryptReport, RekeyProgress, RekeyStatus, SlotCarry};
 pub use slot::{NewSlot, NewSlotKind, SlotFlags, SlotInfo, SlotKind};
-pub use store::{DEFAULT_CACHE_BYTES, SectorStore};
+pub use store::{DEFAULT_CACHE_BYTES, SectorScan, SectorStore};
+pub use verify::{
+    CopyReport, CopyStatus, Finding, Geometry, MacStatus, Severity, ShallowReport, partial_marker,
+    verify_container,
+};
 
 use crate::crypto::{
     CONTAINER_ID_LEN, CryptoError, HeaderMac, KeyPurpose, MasterKey, SectorCipher,

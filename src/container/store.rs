@@ -1004,3 +1004,67 @@ impl std::fmt::Debug for SectorStore {
             .finish_non_exhaustive()
     }
 }
+
+/// What [`SectorStore::scan_sectors`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SectorScan {
+    /// Sealed sectors checked: `0..extent`.
+    pub checked: u64,
+    /// Sectors that fail authentication, in order. A lone copy of redb's
+    /// page-0 shadow pair is not among them (see `page0_stale_copy`).
+    pub damaged: Vec<u64>,
+    /// Sector 0 or 1: one copy of the page-0 shadow pair that does not
+    /// authenticate while the other does. That is what a torn write of
+    /// page 0 leaves (FORMAT.md §4.1); the intact copy is used, nothing is
+    /// lost.
+    pub page0_stale_copy: Option<u64>,
+}
+
+// `keybound verify --deep` (`crate::session::verify`).
+impl SectorStore {
+    /// Read and authenticate every sealed sector below the extent, straight
+    /// from the file: no cache, no damage counters, nothing written.
+    /// `progress(done, total)` sees the sectors checked so far.
+    pub fn scan_sectors(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SectorScan, ContainerError> {
+        let live = self
+            .live_read()
+            .map_err(|e| ContainerError::io(&self.path, "read", e))?;
+        let extent = live.extent;
+        let mut damaged = Vec::new();
+        let mut first = 0;
+        progress(0, extent);
+        while first < extent {
+            let count = IO_CHUNK_SECTORS.min(extent - first);
+            let mut buf = self
+                .read_sealed(first, count)
+                .map_err(|e| ContainerError::io(&self.path, "read", e))?;
+            for (i, slot) in buf.chunks_mut(SEALED_SECTOR_SIZE).enumerate() {
+                let sector = first + i as u64;
+                if !self.open(sector, slot) {
+                    damaged.push(sector);
+                }
+            }
+            buf.zeroize();
+            first += count;
+            progress(first, extent);
+        }
+        // The page-0 pair: one copy failing beside an intact one is a torn
+        // write of the older copy, which reads never use.
+        let pair_bad: Vec<u64> = damaged.iter().copied().filter(|&s| s < 2).collect();
+        let page0_stale_copy = match pair_bad.as_slice() {
+            [lone] if extent >= 2 => Some(*lone),
+            _ => None,
+        };
+        if let Some(lone) = page0_stale_copy {
+            damaged.retain(|&s| s != lone);
+        }
+        Ok(SectorScan {
+            checked: extent,
+            damaged,
+            page0_stale_copy,
+        })
+    }
+}

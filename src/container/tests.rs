@@ -1016,3 +1016,172 @@ fn damaged_btree_page_makes_redb_panic_not_lie() {
     }
     assert!(store.damaged_reads() >= 1);
 }
+
+// ---------------------------------------------------- verify (keyless) ----
+
+fn kinds(report: &ShallowReport) -> Vec<&'static str> {
+    report.findings.iter().map(|f| f.kind).collect()
+}
+
+/// A growing vault with `pages` redb pages written.
+fn written_vault(pages: u64) -> Vault {
+    let v = create_vault(None);
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.set_len(pages * 4096).unwrap();
+    for page in 0..pages {
+        let mut data = pattern(4096, page as u8);
+        if page == 0 {
+            data[PAGE0_GENERATION_OFFSET..].fill(0);
+        }
+        store.write(page * 4096, &data).unwrap();
+    }
+    drop(store);
+    v
+}
+
+#[test]
+fn verify_passes_a_good_container_and_notes_harmless_tails() {
+    let v = written_vault(8);
+    let report = verify_container(&v.path).unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert!(!report.damaged() && report.unlockable());
+    assert!(report.copies.iter().all(|c| c.status == CopyStatus::Valid));
+    let g = report.geometry.unwrap();
+    assert_eq!(g.extent_sectors, 9);
+    assert_eq!(g.expected_len, sector_offset(9));
+    assert_eq!(g.file_len, g.expected_len);
+
+    // Sectors past the recorded extent (a copy of a mounted vault): a note.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.path)
+        .unwrap();
+    f.set_len(sector_offset(9) + SEALED_SECTOR_SIZE as u64 + 100)
+        .unwrap();
+    drop(f);
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["beyond-extent"]);
+    assert!(!report.damaged());
+    assert!(
+        report.findings[0]
+            .message
+            .contains("a partial one of 100 bytes")
+    );
+}
+
+#[test]
+fn verify_reports_truncation_damaged_copies_and_the_partial_marker() {
+    let v = written_vault(8);
+    let len = std::fs::metadata(&v.path).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.path)
+        .unwrap();
+    f.set_len(len - 5000).unwrap();
+    drop(f);
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["truncated"]);
+    assert!(report.damaged() && !report.unlockable());
+    assert!(
+        report.findings[0]
+            .message
+            .contains("5000 bytes are missing")
+    );
+
+    // One copy damaged: the other is used, and that is damage to report.
+    let v = written_vault(4);
+    let used = used_copy(&v.path);
+    let other = 1 - used;
+    xor_byte(&v.path, HEADER_COPY_OFFSETS[other] + H_GENERATION as u64, 1);
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["header-copy-damaged"]);
+    assert_eq!(report.copies[other].status, CopyStatus::Damaged);
+    assert_eq!(
+        report.copies[other].problem.as_deref(),
+        Some("checksum mismatch")
+    );
+    assert!(report.unlockable());
+
+    // Both damaged: reported (not an error), nothing can be unlocked.
+    xor_byte(&v.path, HEADER_COPY_OFFSETS[used] + H_GENERATION as u64, 1);
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["both-header-copies-damaged"]);
+    assert_eq!(report.copy_used, None);
+    assert!(!report.unlockable());
+
+    // The marker of an interrupted incremental backup.
+    let v = written_vault(2);
+    std::fs::write(partial_marker(&v.path), b"").unwrap();
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["incomplete-copy"]);
+
+    // Not a container at all: an error, there is nothing to verify.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![7u8; 70_000]).unwrap();
+    assert!(matches!(
+        verify_container(&junk),
+        Err(ContainerError::NotAContainer { .. })
+    ));
+}
+
+#[test]
+fn header_macs_and_the_sector_scan() {
+    let v = written_vault(8);
+    let c = Container::open(&v.path, Access::ReadOnly).unwrap();
+    let mk = c.unwrap_slot(0, &kek(1)).unwrap();
+    assert_eq!(c.header_macs(&mk).unwrap(), [MacStatus::Valid; 2]);
+    drop((c, mk));
+    // The other copy changed without the key (its checksum fixed): its MAC fails.
+    let other = 1 - used_copy(&v.path);
+    xor_byte(&v.path, HEADER_COPY_OFFSETS[other] + H_POLICY as u64, 1);
+    fix_checksum(&v.path, other);
+    let c = Container::open(&v.path, Access::ReadOnly).unwrap();
+    let mk = c.unwrap_slot(0, &kek(1)).unwrap();
+    let macs = c.header_macs(&mk).unwrap();
+    assert_eq!(macs[other], MacStatus::Mismatch);
+    assert_eq!(macs[1 - other], MacStatus::Valid);
+    drop((c, mk));
+
+    let before = std::fs::read(&v.path).unwrap();
+    let store = unlock(&v.path, Access::ReadOnly);
+    let mut seen = Vec::new();
+    let scan = store
+        .scan_sectors(&mut |done, total| seen.push((done, total)))
+        .unwrap();
+    assert_eq!(
+        scan,
+        SectorScan {
+            checked: 9,
+            ..SectorScan::default()
+        }
+    );
+    assert_eq!(seen.last(), Some(&(9, 9)));
+    let older = 1 - store.page0_newest().unwrap();
+    drop(store);
+    // A damaged data sector is listed; the older page-0 copy alone is a torn write.
+    xor_byte(&v.path, sector_offset(6) + 50, 0x40);
+    xor_byte(&v.path, sector_offset(older) + 50, 0x40);
+    let store = unlock(&v.path, Access::ReadOnly);
+    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
+    assert_eq!(scan.damaged, vec![6]);
+    assert_eq!(scan.page0_stale_copy, Some(older));
+    assert_eq!(store.damaged_reads(), 0, "the scan counts nothing");
+    drop(store);
+    // Both page-0 copies failing is damage.
+    xor_byte(&v.path, sector_offset(1 - older) + 50, 0x40);
+    let scan = unlock(&v.path, Access::ReadOnly)
+        .scan_sectors(&mut |_, _| {})
+        .unwrap();
+    assert_eq!(scan.damaged, vec![0, 1, 6]);
+    assert_eq!(scan.page0_stale_copy, None);
+    let mut after = std::fs::read(&v.path).unwrap();
+    for at in [
+        sector_offset(6) + 50,
+        sector_offset(0) + 50,
+        sector_offset(1) + 50,
+    ] {
+        after[at as usize] ^= 0x40;
+    }
+    assert_eq!(after, before, "a read-only scan wrote to the file");
+}
