@@ -19,6 +19,7 @@
 //! "damaged" state), because redb may already have copied damaged bytes into a new page.
 
 mod backend;
+mod check;
 mod data;
 mod dir;
 mod error;
@@ -41,6 +42,10 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroize;
 
 use backend::Backend;
+pub use check::{
+    CheckReport, CheckStep, DamagedItem, Inconsistency, SUBJECT_CHUNKS, SUBJECT_DIRENTS,
+    SUBJECT_INODES, SUBJECT_ORPHANS, SUBJECT_SYMLINKS, SUBJECT_TABLES, SUBJECT_XATTRS, StepOutcome,
+};
 pub use error::{FsError, FsResult};
 pub use schema::{
     Attr, CHUNK_SIZE, FileKind, MAX_FILE_SIZE, NAME_MAX, ROOT_INO, SYMLINK_MAX, Timespec,

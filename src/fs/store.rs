@@ -393,3 +393,116 @@ impl Txn {
         Ok(())
     }
 }
+
+// Reads for the consistency check (`super::check`). Each calls `f` for every record in key order
+// until `f` returns false; none of them changes anything.
+impl Txn {
+    /// The length of chunk `idx` of `ino`, if it is stored (its value is read).
+    pub fn chunk_len(&self, ino: u64, idx: u64) -> FsResult<Option<u64>> {
+        read_table!(self, CHUNKS, |t| Ok(t
+            .get((ino, idx))?
+            .map(|v| len64(v.value()))))
+    }
+
+    /// `f(ino, index, len)` for each chunk from key `from` on.
+    pub fn chunks_from(
+        &self,
+        from: (u64, u64),
+        mut f: impl FnMut(u64, u64, u64) -> bool,
+    ) -> FsResult<()> {
+        read_table!(self, CHUNKS, |t| {
+            for e in t.range(from..)? {
+                let (k, v) = e?;
+                let (ino, idx) = k.value();
+                if !f(ino, idx, len64(v.value())) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(name, child, kind code)` for each entry of `dir` (kind codes undecoded).
+    pub fn dirents_of(&self, dir: u64, mut f: impl FnMut(&[u8], u64, u8) -> bool) -> FsResult<()> {
+        let empty: &[u8] = &[];
+        read_table!(self, DIRENTS, |t| {
+            for e in t.range((dir, empty)..(dir.saturating_add(1), empty))? {
+                let (k, v) = e?;
+                let (child, kind) = v.value();
+                if !f(k.value().1, child, kind) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(parent, name, child, kind code)` for every directory entry.
+    pub fn dirents_all(&self, mut f: impl FnMut(u64, &[u8], u64, u8) -> bool) -> FsResult<()> {
+        read_table!(self, DIRENTS, |t| {
+            for e in t.range::<(u64, &[u8])>(..)? {
+                let (k, v) = e?;
+                let (parent, name) = k.value();
+                let (child, kind) = v.value();
+                if !f(parent, name, child, kind) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(ino, encoded attributes)` for every inode.
+    pub fn inodes_all(&self, mut f: impl FnMut(u64, &[u8]) -> bool) -> FsResult<()> {
+        read_table!(self, INODES, |t| {
+            for e in t.range::<u64>(..)? {
+                let (k, v) = e?;
+                if !f(k.value(), v.value()) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(ino, target length)` for every symlink target.
+    pub fn symlinks_all(&self, mut f: impl FnMut(u64, u64) -> bool) -> FsResult<()> {
+        read_table!(self, SYMLINKS, |t| {
+            for e in t.range::<u64>(..)? {
+                let (k, v) = e?;
+                if !f(k.value(), len64(v.value())) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(name, value length)` for each xattr of `ino` (the values are read).
+    pub fn xattrs_of(&self, ino: u64, mut f: impl FnMut(&[u8], u64) -> bool) -> FsResult<()> {
+        let empty: &[u8] = &[];
+        read_table!(self, XATTRS, |t| {
+            for e in t.range((ino, empty)..(ino.saturating_add(1), empty))? {
+                let (k, v) = e?;
+                if !f(k.value().1, len64(v.value())) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `f(ino, name, value length)` for every xattr.
+    pub fn xattrs_all(&self, mut f: impl FnMut(u64, &[u8], u64) -> bool) -> FsResult<()> {
+        read_table!(self, XATTRS, |t| {
+            for e in t.range::<(u64, &[u8])>(..)? {
+                let (k, v) = e?;
+                let (ino, name) = k.value();
+                if !f(ino, name, len64(v.value())) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+}
