@@ -11,10 +11,12 @@ pub mod control;
 pub mod create;
 pub mod daemon;
 pub mod mountpoint;
+mod overlay;
 pub mod registry;
 mod storage;
 pub mod tether;
 pub mod unlock;
+pub mod verify;
 
 use std::path::PathBuf;
 
