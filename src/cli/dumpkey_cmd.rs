@@ -11,29 +11,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use keybound::container::{Access, Container};
 use keybound::secrets::SecretBytes;
-use keybound::session::unlock;
-use keybound::token::LastTry;
 
-use super::prompt;
+use super::unlock_args::{TokenUnlockArgs, unlock_read_only};
 
 #[derive(Args)]
 pub struct DumpKeyArgs {
     /// The container file (it must not be mounted).
     vault: PathBuf,
-    /// Use the enrolled token with this serial (needed when several are plugged in).
-    #[arg(long)]
-    serial: Option<u32>,
-    /// Read the vault password from FILE (`-` for stdin) instead of the terminal.
-    #[arg(long, value_name = "FILE")]
-    password_file: Option<PathBuf>,
-    /// Read the token's PIN from FILE (`-` for stdin) instead of the terminal.
-    #[arg(long, value_name = "FILE")]
-    pin_file: Option<PathBuf>,
-    /// Allow spending the token's last PIN try (a wrong PIN then blocks it).
-    #[arg(long)]
-    allow_last_pin_try: bool,
+    #[command(flatten)]
+    token: TokenUnlockArgs,
 }
 
 const WARNING: &str = "\
@@ -53,26 +40,9 @@ pub fn run(args: DumpKeyArgs) -> Result<()> {
 fn dump_key(args: &DumpKeyArgs) -> Result<()> {
     // Everything that needs no secret first, as `mount` does: the container,
     // its lock (a mounted vault is refused) and the token to use.
-    let header = Container::inspect(&args.vault)?;
-    let container = Container::open(&args.vault, Access::ReadOnly)?;
-    let choice = unlock::choose_slot(&args.vault, &header, args.serial)?;
-    let password = prompt::secret(
-        args.password_file.as_deref(),
-        "password",
-        &format!("Password for {}: ", args.vault.display()),
-        "--password-file",
-    )?;
-    let pin = prompt::pin(
-        args.pin_file.as_deref(),
-        &format!("PIN of token {}: ", choice.serial),
-    )?;
-    let last_try = if args.allow_last_pin_try {
-        LastTry::Allow
-    } else {
-        LastTry::Refuse
-    };
-    let master_key = unlock::unlock(&container, &choice, &password, &pin, last_try)?;
-    drop((password, pin, container));
+    let unlocked = unlock_read_only(&args.vault, &args.token, anyhow::Error::from)?;
+    let master_key = unlocked.master_key;
+    drop(unlocked.container);
 
     let line = hex_line(master_key.dangerous_export())?;
     drop(master_key);

@@ -9,6 +9,7 @@ mod mount_cmd;
 mod prompt;
 mod rekey_cmd;
 mod token_cmd;
+mod unlock_args;
 mod vault_cmd;
 mod verify_cmd;
 
