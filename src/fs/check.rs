@@ -175,6 +175,32 @@ struct Seen {
     path: String,
 }
 
+/// What the walk knows of the inode a record belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Reached, and of the kind the record needs.
+    Reached,
+    /// Possibly behind damage the walk could not get past: not reached, but not known lost.
+    Unknown,
+    /// Not reachable from the root although the walk saw everything: a stray record.
+    Stray,
+}
+
+fn owner(
+    seen: &HashMap<u64, Seen>,
+    unread: &HashSet<u64>,
+    walk_complete: bool,
+    ino: u64,
+    kind: Option<FileKind>,
+) -> Owner {
+    match seen.get(&ino) {
+        Some(s) if kind.is_none_or(|k| k == s.kind) => Owner::Reached,
+        Some(_) => Owner::Stray,
+        None if unread.contains(&ino) || !walk_complete => Owner::Unknown,
+        None => Owner::Stray,
+    }
+}
+
 impl Fs {
     /// Opens an existing filesystem for [`Fs::check`]: read-write, so that redb can replay its
     /// last commit if the store was not closed cleanly (give it storage that keeps writes away
@@ -200,6 +226,9 @@ impl Fs {
             seen: HashMap::new(),
             orphans: HashSet::new(),
             xattrs_present: true,
+            unread: HashSet::new(),
+            walk_complete: true,
+            not_reached: 0,
             done: 0,
             total,
         };
@@ -215,6 +244,12 @@ struct Checker<'a> {
     seen: HashMap<u64, Seen>,
     orphans: HashSet<u64>,
     xattrs_present: bool,
+    /// Inodes an entry names whose inode record could not be read: their records are not lost.
+    unread: HashSet<u64>,
+    /// Whether the walk reached everything the tree holds (no directory left unlisted).
+    walk_complete: bool,
+    /// Records the scans found whose inode the walk may have missed because of damage.
+    not_reached: u64,
     done: u64,
     total: u64,
 }
@@ -232,6 +267,7 @@ impl Checker<'_> {
     /// Whether the store itself cannot be opened without damage: then nothing can be read.
     fn store_unreadable(&mut self) -> bool {
         if self.fs.tainted && self.report.aborted.is_none() {
+            self.walk_complete = false;
             self.report.aborted = Some(
                 "the store's own structures are damaged (reopening it reads a damaged page): no \
                  file can be read"
@@ -299,6 +335,13 @@ impl Checker<'_> {
         }
         self.scan_chunk_gaps();
         self.store_unreadable();
+        if self.not_reached > 0 {
+            self.report.incomplete.push(format!(
+                "{} record(s) belong to inodes the walk could not reach because of the damage \
+                 above; whether any of them is lost cannot be told",
+                self.not_reached
+            ));
+        }
     }
 
     fn read_orphans(&mut self) {
@@ -330,6 +373,7 @@ impl Checker<'_> {
                 return;
             }
             Err(e) => {
+                self.walk_complete = false;
                 self.record_attr_error("/", ROOT_INO, e);
                 return;
             }
@@ -417,6 +461,7 @@ impl Checker<'_> {
                 );
                 self.damaged(path, Some(ino), Some(FileKind::Dir), what);
                 self.step(path, StepOutcome::Damaged);
+                self.walk_complete = false;
                 (got, false)
             }
             Err(e) => {
@@ -478,6 +523,12 @@ impl Checker<'_> {
                     continue;
                 }
                 Err(e) => {
+                    if matches!(e, FsError::Damaged) {
+                        self.unread.insert(child);
+                        if kind.is_none_or(|k| k == FileKind::Dir) {
+                            self.walk_complete = false;
+                        }
+                    }
                     self.record_attr_error(&cpath, child, e);
                     if self.store_unreadable() {
                         return;
@@ -868,6 +919,7 @@ impl Checker<'_> {
         };
         let next_ino = self.fs.sb.next_ino;
         let mut lost = 0usize;
+        let mut behind_damage: Vec<Attr> = Vec::new();
         for (ino, attr) in &records {
             let a = match attr {
                 Ok(a) => a,
@@ -896,6 +948,14 @@ impl Checker<'_> {
                     );
                 }
                 Some(_) => {}
+                None if owner(&self.seen, &self.unread, self.walk_complete, *ino, None)
+                    == Owner::Unknown =>
+                {
+                    self.not_reached += 1;
+                    if a.kind == FileKind::File && !self.orphans.contains(ino) {
+                        behind_damage.push(*a);
+                    }
+                }
                 None => {
                     lost += 1;
                     if lost <= MAX_LISTED {
@@ -921,6 +981,21 @@ impl Checker<'_> {
                 format!("{} more lost inodes", lost - MAX_LISTED),
             );
         }
+        // Files the walk could not reach because of damage on the way: their data is still
+        // read, by inode number.
+        for a in behind_damage {
+            let subject = format!("(inode {}, a file behind the damage above)", a.ino);
+            self.seen.insert(
+                a.ino,
+                Seen {
+                    kind: FileKind::File,
+                    nlink: a.nlink,
+                    links: 0,
+                    path: subject.clone(),
+                },
+            );
+            self.check_file(a.ino, &a, &subject);
+        }
         if complete && records.len() as u64 != self.fs.sb.inodes {
             self.report.notes.push(format!(
                 "the superblock counts {} inodes, the inode table holds {} (a statistic for \
@@ -934,22 +1009,28 @@ impl Checker<'_> {
     fn scan_dirents(&mut self) {
         let mut strays: Vec<(u64, String, u64)> = Vec::new();
         let mut count = 0usize;
-        let seen = &self.seen;
+        let mut unknown = 0u64;
+        let (seen, unread, complete) = (&self.seen, &self.unread, self.walk_complete);
         let r = self.fs.run(Mode::Read, |fs, tx| {
             let start = fs.damaged_reads();
             tx.dirents_all(|parent, name, child, _| {
                 if fs.damaged_reads() != start {
                     return false;
                 }
-                if !seen.get(&parent).is_some_and(|s| s.kind == FileKind::Dir) {
-                    count += 1;
-                    if strays.len() < MAX_LISTED {
-                        strays.push((parent, join("", name), child));
+                match owner(seen, unread, complete, parent, Some(FileKind::Dir)) {
+                    Owner::Reached => {}
+                    Owner::Unknown => unknown += 1,
+                    Owner::Stray => {
+                        count += 1;
+                        if strays.len() < MAX_LISTED {
+                            strays.push((parent, join("", name), child));
+                        }
                     }
                 }
                 true
             })
         });
+        self.not_reached += unknown;
         match r {
             Ok(()) => self.step(SUBJECT_DIRENTS, StepOutcome::Clean),
             Err(e) => self.metadata_failed(
@@ -982,19 +1063,23 @@ impl Checker<'_> {
 
     fn scan_symlinks(&mut self) {
         let mut strays = Vec::new();
-        let seen = &self.seen;
+        let mut unknown = 0u64;
+        let (seen, unread, complete) = (&self.seen, &self.unread, self.walk_complete);
         let r = self.fs.run(Mode::Read, |fs, tx| {
             let start = fs.damaged_reads();
             tx.symlinks_all(|ino, _| {
                 if fs.damaged_reads() != start {
                     return false;
                 }
-                if !seen.get(&ino).is_some_and(|s| s.kind == FileKind::Symlink) {
-                    strays.push(ino);
+                match owner(seen, unread, complete, ino, Some(FileKind::Symlink)) {
+                    Owner::Reached => {}
+                    Owner::Unknown => unknown += 1,
+                    Owner::Stray => strays.push(ino),
                 }
                 true
             })
         });
+        self.not_reached += unknown;
         match r {
             Ok(()) => self.step(SUBJECT_SYMLINKS, StepOutcome::Clean),
             Err(e) => self.metadata_failed(
@@ -1014,19 +1099,24 @@ impl Checker<'_> {
 
     fn scan_xattrs(&mut self) {
         let mut strays: Vec<u64> = Vec::new();
-        let seen = &self.seen;
+        let mut unknown = 0u64;
+        let (seen, unread, complete) = (&self.seen, &self.unread, self.walk_complete);
         let r = self.fs.run(Mode::Read, |fs, tx| {
             let start = fs.damaged_reads();
             tx.xattrs_all(|ino, _, _| {
                 if fs.damaged_reads() != start {
                     return false;
                 }
-                if !seen.contains_key(&ino) && strays.last() != Some(&ino) {
-                    strays.push(ino);
+                match owner(seen, unread, complete, ino, None) {
+                    Owner::Reached => {}
+                    Owner::Unknown => unknown += 1,
+                    Owner::Stray if strays.last() != Some(&ino) => strays.push(ino),
+                    Owner::Stray => {}
                 }
                 true
             })
         });
+        self.not_reached += unknown;
         match r {
             Ok(()) => self.step(SUBJECT_XATTRS, StepOutcome::Clean),
             Err(e) => self.metadata_failed(
@@ -1055,17 +1145,22 @@ impl Checker<'_> {
             .collect();
         files.sort_unstable();
         let mut strays: Vec<(u64, u64)> = Vec::new();
+        let mut unknown = 0u64;
         let mut unchecked = 0u64;
         let mut lo = 0u64;
+        let (seen, unread, complete) = (&self.seen, &self.unread, self.walk_complete);
         for hi in files.iter().copied().map(Some).chain([None]) {
             let r = self.fs.run(Mode::Read, |fs, tx| {
                 let start = fs.damaged_reads();
-                tx.chunks_from((lo, 0), |owner, idx, _| {
-                    if fs.damaged_reads() != start || hi.is_some_and(|hi| owner >= hi) {
+                tx.chunks_from((lo, 0), |ino, idx, _| {
+                    if fs.damaged_reads() != start || hi.is_some_and(|hi| ino >= hi) {
                         return false;
                     }
-                    if strays.len() < MAX_LISTED {
-                        strays.push((owner, idx));
+                    match owner(seen, unread, complete, ino, Some(FileKind::File)) {
+                        Owner::Reached => {}
+                        Owner::Unknown => unknown += 1,
+                        Owner::Stray if strays.len() < MAX_LISTED => strays.push((ino, idx)),
+                        Owner::Stray => {}
                     }
                     true
                 })
@@ -1086,6 +1181,7 @@ impl Checker<'_> {
                 break;
             }
         }
+        self.not_reached += unknown;
         if unchecked > 0 {
             self.report.incomplete.push(format!(
                 "{unchecked} range(s) of the chunk table between files could not be searched \
@@ -1265,6 +1361,64 @@ mod tests {
                 .iter()
                 .any(|n| n.contains("deleted while still open"))
         );
+    }
+
+    /// Damage in a directory's entries: that directory is named, the files that can still be
+    /// listed are checked, and the ones behind the damage are "not reached", not "lost".
+    #[test]
+    fn damaged_entries_name_their_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fs");
+        let storage = Arc::new(PlainFileStorage::create(&path).unwrap());
+        let mut fs = Fs::create(storage, 1000, 1000).unwrap();
+        let many = fs.mkdir(ROOT_INO, b"many", 0o755, ME).unwrap();
+        for i in 0..400 {
+            let name = format!("a-file-with-a-rather-long-name-{i:04}");
+            let f = fs
+                .mknod(many.ino, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME)
+                .unwrap();
+            fs.write(f.ino, 0, &pattern(i, 100)).unwrap();
+        }
+        let outside = fs
+            .mknod(ROOT_INO, b"outside", libc::S_IFREG | 0o644, 0, ME)
+            .unwrap();
+        fs.write(outside.ino, 0, b"fine").unwrap();
+        fs.close().unwrap();
+        // Every copy of the page holding this name (stale ones of older commits included).
+        let hay = std::fs::read(&path).unwrap();
+        let needle = b"a-file-with-a-rather-long-name-0200";
+        let storage = Arc::new(PlainFileStorage::open(&path).unwrap());
+        let mut hits = 0;
+        for (at, w) in hay.windows(needle.len()).enumerate() {
+            if w == needle {
+                storage.damage(at as u64, 1);
+                hits += 1;
+            }
+        }
+        assert!(hits > 0);
+        let (report, steps) = check(storage);
+        let item = report
+            .damaged
+            .iter()
+            .find(|d| d.path == "/many")
+            .unwrap_or_else(|| panic!("{report:#?}"));
+        assert!(item.unreadable[0].starts_with("its entries ("), "{item:?}");
+        assert!(
+            !report
+                .inconsistencies
+                .iter()
+                .any(|i| i.problem.contains("lost") || i.problem.contains("not a")),
+            "{report:#?}"
+        );
+        assert!(
+            report
+                .incomplete
+                .iter()
+                .any(|n| n.contains("could not reach")),
+            "{report:#?}"
+        );
+        assert!(steps.contains(&("/outside".to_string(), StepOutcome::Clean)));
+        assert!(report.files >= 1 && report.files < 401, "{report:#?}");
     }
 
     #[test]
