@@ -338,6 +338,36 @@ fn truncated_damaged_header_and_incomplete_copies_are_reported() {
     assert!(text.contains("incomplete"), "{text}");
     assert!(text.contains("rerun the backup"), "{text}");
 
+    // The store's own header page (both copies of its shadow pair, sectors 0 and 1): the
+    // filesystem cannot be opened, and the report says why and where.
+    let headless = fx.path("headless.kb");
+    fs::copy(&fx.vault, &headless).unwrap();
+    flip_bit(&headless, DATA_OFFSET + 100);
+    flip_bit(&headless, DATA_OFFSET + 4124 + 100);
+    let out = verify_deep(&fx, &headless, &["--json"]);
+    assert_fails(&out, VERIFY_DAMAGE, &[]);
+    let report = json(&out);
+    assert!(
+        report["deep"]["filesystem_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be opened"),
+        "{report:#}"
+    );
+    let sectors = report["deep"]["damaged_sectors"].as_array().unwrap();
+    assert_eq!(sectors.len(), 2, "{report:#}");
+    assert!(
+        sectors[0]["used_by"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("filesystem metadata"),
+        "{report:#}"
+    );
+    let out = verify_deep(&fx, &headless, &[]);
+    assert_fails(&out, VERIFY_DAMAGE, &[]);
+    let text = stdout(&out);
+    assert!(text.contains("restore"), "{text}");
+
     // The original is fine throughout.
     assert_ok(&verify(&fx, &fx.vault, &[]));
 }

@@ -179,10 +179,13 @@ pub fn verify_deep(
         }
         Err(e) => {
             who.note(&overlay, SUBJECT_OPEN, StepOutcome::Damaged);
+            let met_damage = crate::fs::Storage::damaged_reads(&*overlay) > 0;
             report.filesystem_error = Some(match e {
-                FsError::Damaged => "the store's own structures (its header or allocator state) \
-                                     are damaged: the filesystem cannot be opened"
-                    .into(),
+                _ if met_damage || matches!(e, FsError::Damaged) => {
+                    "the store's own structures (its header, allocator state or superblock) are \
+                     damaged: the filesystem cannot be opened, so no file can be read"
+                        .into()
+                }
                 other => format!("the filesystem cannot be opened: {other}"),
             });
         }
