@@ -191,7 +191,7 @@ fn mounted(vault: &Path, err: ContainerError) -> anyhow::Error {
             format!("keybound unmount {}", r.mountpoint.display()),
         ),
         (None, Some(pid)) => (
-            format!("in use by process {pid} (mounted, or an admin command)"),
+            format!("in use by process {pid} (mounted, a backup in progress, or an admin command)"),
             "unmount it".to_string(),
         ),
         (None, None) => ("in use by another process".into(), "unmount it".to_string()),

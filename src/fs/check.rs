@@ -172,6 +172,7 @@ struct Seen {
     kind: FileKind,
     nlink: u32,
     links: u32,
+    /// The first path found (directories and files with several links; else empty).
     path: String,
 }
 
@@ -575,7 +576,12 @@ impl Checker<'_> {
                     kind: a.kind,
                     nlink: a.nlink,
                     links: 1,
-                    path: cpath.clone(),
+                    // Kept only where a message may need it (memory: one per inode).
+                    path: if a.kind == FileKind::Dir || a.nlink > 1 {
+                        cpath.clone()
+                    } else {
+                        String::new()
+                    },
                 },
             );
             self.done += 1;
@@ -942,7 +948,7 @@ impl Checker<'_> {
                 Some(s) if s.kind != FileKind::Dir && s.links != s.nlink && s.nlink != 0 => {
                     let (path, links, nlink) = (s.path.clone(), s.links, s.nlink);
                     self.inconsistent(
-                        Some(&path),
+                        (!path.is_empty()).then_some(path.as_str()),
                         Some(*ino),
                         format!("link count {nlink}, but {links} entr(y/ies) point to it"),
                     );
