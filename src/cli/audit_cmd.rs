@@ -222,6 +222,9 @@ pub fn error_kind(code: i32) -> &'static str {
         C::NOT_CONFIRMED => "not-confirmed",
         C::REKEY_UNFINISHED => "rekey-unfinished",
         C::SLOT_PENDING => "slot-pending-activation",
+        C::HOLD_BROKEN => "hold-broken",
+        C::VERIFY_DAMAGE => "damage-found",
+        C::BACKUP_MISMATCH => "backup-mismatch",
         _ => "other",
     }
 }

@@ -105,6 +105,9 @@ fn print_report(r: &BackupReport) {
     if r.retried {
         println!("  note:    the vault locked during the first copy; the copy was taken again");
     }
+    for w in &r.warnings {
+        println!("  warning: {w} (the vault has this too: run `keybound verify` on it)");
+    }
     for old in &r.pruned {
         println!("  removed: {} (--keep)", old.display());
     }

@@ -209,6 +209,7 @@ pub fn for_backup_error(err: &BackupError) -> i32 {
         E::HoldBroken { .. } => HOLD_BROKEN,
         E::NotACopy { .. } | E::NoCopyToUpdate { .. } => BACKUP_MISMATCH,
         E::SameFile { .. } | E::KeepNeedsDirectory { .. } => USAGE,
+        E::CopyUnusable { .. } => VERIFY_DAMAGE,
         E::Io { .. } | E::Control { .. } => OTHER,
     }
 }

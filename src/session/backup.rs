@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use super::control::{ControlError, DaemonHold};
 use super::registry;
-use crate::container::{Container, ContainerError, SECTOR_SIZE, Thawed, lock_shared};
+use crate::container::{
+    Container, ContainerError, SECTOR_SIZE, Severity, Thawed, lock_shared, partial_marker,
+    verify_container,
+};
 
 /// Why a backup or a hold failed. Messages name the files and say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,12 @@ pub enum BackupError {
         vault.display(), holder.map_or("?".to_string(), |p| p.to_string())
     )]
     Busy { vault: PathBuf, holder: Option<u32> },
+    #[error(
+        "the copy written for {} does not open ({why}); it was not kept. Check the vault \
+         with `keybound verify` and the disk holding the copy",
+        copy.display()
+    )]
+    CopyUnusable { copy: PathBuf, why: String },
     #[error("the destination {} is the vault itself", dest.display())]
     SameFile { dest: PathBuf },
     #[error(
@@ -193,6 +202,9 @@ pub struct BackupReport {
     pub retried: bool,
     /// Older dated copies removed by `--keep`.
     pub pruned: Vec<PathBuf>,
+    /// Damage the keyless check found in the copy that does not stop it from
+    /// opening (e.g. one header copy); the vault itself has it too.
+    pub warnings: Vec<String>,
 }
 
 /// Copy `vault` to `dest` (a file, or a directory of dated copies).
@@ -224,14 +236,12 @@ pub fn backup(
             retried = true;
             continue;
         }
+        let warnings = check_copy(&target, &header.id)?;
         target.commit()?;
         let pruned = match options.keep {
             Some(keep) => target.prune(keep)?,
             None => Vec::new(),
         };
-        // The copy must at least read as this vault's container.
-        let copy_header = Container::inspect(&target.copy)?;
-        debug_assert_eq!(copy_header.id, header.id);
         return Ok(BackupReport {
             vault: vault.to_path_buf(),
             copy: target.copy.clone(),
@@ -243,11 +253,44 @@ pub fn backup(
             seconds: started.elapsed().as_secs_f64(),
             retried,
             pruned,
+            warnings,
         });
     }
     Err(BackupError::HoldBroken {
         vault: vault.to_path_buf(),
     })
+}
+
+/// The keyless check of what was written, before it takes the copy's name:
+/// it must open as this vault (headers, geometry, size). Other damage is
+/// passed on as warnings: it came from the vault.
+fn check_copy(target: &Target, id: &[u8]) -> Result<Vec<String>, BackupError> {
+    let written = target.written();
+    let report = verify_container(written)?;
+    let ours = report.container_id.as_deref() == Some(hex::encode(id).as_str());
+    if !report.unlockable() || !ours {
+        let why = report
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Damage)
+            .map(|f| f.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(BackupError::CopyUnusable {
+            copy: target.copy.clone(),
+            why: if why.is_empty() {
+                "another vault's header".into()
+            } else {
+                why
+            },
+        });
+    }
+    Ok(report
+        .findings
+        .into_iter()
+        .filter(|f| f.severity == Severity::Damage && f.kind != "incomplete-copy")
+        .map(|f| f.message)
+        .collect())
 }
 
 /// Refuse to update in place anything but a copy of this vault. A copy left
@@ -274,14 +317,6 @@ fn check_is_copy(vault: &Path, id: &[u8], copy: &Path) -> Result<(), BackupError
         });
     }
     Ok(())
-}
-
-/// The marker beside a copy being updated in place: while it exists the copy
-/// is incomplete (`keybound verify` says so).
-pub fn partial_marker(copy: &Path) -> PathBuf {
-    let mut name = copy.as_os_str().to_owned();
-    name.push(".partial");
-    PathBuf::from(name)
 }
 
 /// Where a backup writes.
@@ -356,6 +391,15 @@ impl Target {
         let written = copy_all(&src, &dst, len, progress).map_err(io_err("write", &self.temp))?;
         dst.sync_all().map_err(io_err("sync", &self.temp))?;
         Ok((len, written))
+    }
+
+    /// The file this attempt wrote: the temporary copy, or the copy updated in place.
+    fn written(&self) -> &Path {
+        if self.temp.exists() {
+            &self.temp
+        } else {
+            &self.copy
+        }
     }
 
     /// Forget a torn attempt.
