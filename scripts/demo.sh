@@ -2,8 +2,9 @@
 # keybound demo, on a fresh Debian 12 machine: install what is missing, build,
 # plug a software PIV card into pcscd's virtual reader, provision it with
 # `keybound token setup`, create a vault bound to it, mount it, write and list
-# files, lock it, show that the container reveals nothing, open it again, and
-# pull the card out: the vault locks itself.
+# files, back it up while mounted (no key needed) and check the copy, lock it,
+# show that the container reveals nothing, open it again, and pull the card
+# out: the vault locks itself.
 #
 # Starts pcscd only if it is not running, and stops on exit only what it
 # started. Secrets (the demo PINs) go through 0600 files in a private temp
@@ -23,7 +24,7 @@ FACTORY_PIN=123456
 NEW_PIN=246810   # demo PIN only: the software card is a TEST DEVICE
 PASSWORD="demo password, not a secret"
 
-STEPS=13
+STEPS=14
 step_no=0
 step_title=""
 
@@ -117,6 +118,10 @@ mkdir "$MNT/docs" && cp /etc/os-release "$MNT/docs/" || fail "cannot copy into t
 run ls -lR "$MNT"
 run cat "$MNT/hello.txt"
 run df -h "$MNT"
+
+step "back it up while mounted, without any key: keybound backup, keybound verify"
+run "$KEYBOUND" backup "$VAULT" "$KB_TMP/vault-backup.kb"
+run "$KEYBOUND" verify "$KB_TMP/vault-backup.kb"
 
 step "lock it: keybound unmount"
 run "$KEYBOUND" unmount "$MNT"
