@@ -30,19 +30,6 @@ fn backup_json(fx: &Fixture, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
 }
 
-/// `verify --deep COPY` with the fixture's secrets.
-fn verify_deep(fx: &Fixture, copy: &Path) -> Output {
-    fx.run(&[
-        "verify",
-        "--deep",
-        s(copy),
-        "--password-file",
-        s(&fx.password),
-        "--pin-file",
-        s(&fx.pin),
-    ])
-}
-
 /// Mount `container` (a copy) on a fresh directory, run `check` on it, unmount.
 fn with_mounted_copy(fx: &Fixture, container: &Path, check: impl FnOnce(&Path)) {
     let mnt = fx.path(&format!(
@@ -141,7 +128,7 @@ fn backups_of_a_mounted_vault_under_fsync_load_open_and_keep_what_was_fsynced() 
     assert_ok(&fx.unmount());
 
     for (copy, before) in &copies {
-        let out = verify_deep(&fx, copy);
+        let out = fx.verify_deep(copy, &[]);
         assert_ok(&out);
         with_mounted_copy(&fx, copy, |mnt| {
             for i in before {
@@ -194,7 +181,7 @@ fn an_incremental_backup_writes_about_the_change_and_equals_a_full_copy() {
         !fx.path("copy.kb.partial").exists(),
         "the incomplete-copy marker stayed"
     );
-    assert_ok(&verify_deep(&fx, &copy));
+    assert_ok(&fx.verify_deep(&copy, &[]));
     with_mounted_copy(&fx, &copy, |mnt| assert_eq!(tree_digests(mnt), expected));
 }
 
@@ -275,7 +262,7 @@ fn rsync_and_restic_under_snapshot_restore_a_vault_that_mounts() {
             }
         ));
         fs::rename(copy, &moved).unwrap();
-        assert_ok(&verify_deep(&fx, &moved));
+        assert_ok(&fx.verify_deep(&moved, &[]));
         with_mounted_copy(&fx, &moved, |mnt| assert_eq!(tree_digests(mnt), expected));
     }
 }
@@ -325,27 +312,35 @@ fn dated_copies_of_a_locked_vault_are_kept_n_deep_and_hold_off_a_mount() {
     assert!(!fx.is_mounted());
 }
 
-#[test]
-fn a_hold_stalls_fsync_until_its_backup_ends_even_when_killed() {
-    let fx = Fixture::create_and_mount(20_600_005, &[]);
+/// `keybound snapshot VAULT -- sh -c 'sleep SECS'` in its own process group
+/// (stderr piped), returned once the command runs, i.e. the vault is held.
+fn snapshot_holding(fx: &Fixture, secs: u32) -> std::process::Child {
     let held = fx.path("held");
-    let mut snapshot = fx
+    let _ = fs::remove_file(&held);
+    let child = fx
         .command(&[
             "snapshot",
             s(&fx.vault),
             "--",
             "sh",
             "-c",
-            &format!("touch {}; sleep 60", s(&held)),
+            &format!("touch {}; exec sleep {secs}", s(&held)),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .unwrap();
     wait_until("the snapshot to hold", Duration::from_secs(20), || {
         held.exists()
     });
+    child
+}
+
+#[test]
+fn a_hold_stalls_fsync_until_its_backup_ends_even_when_killed() {
+    let fx = Fixture::create_and_mount(20_600_005, &[]);
+    let mut snapshot = snapshot_holding(&fx, 60);
     let before = fs::read(&fx.vault).unwrap();
 
     let target = fx.mnt.join("during");
@@ -386,22 +381,7 @@ fn a_hold_stalls_fsync_until_its_backup_ends_even_when_killed() {
 fn pulling_the_token_during_a_hold_locks_at_once_and_the_snapshot_says_so() {
     let mut fx = Fixture::create_and_mount(20_600_006, &[]);
     write_synced(&fx.mnt.join("kept"), b"fsynced before the pull");
-    let held = fx.path("held");
-    let snapshot = fx
-        .command(&[
-            "snapshot",
-            s(&fx.vault),
-            "--",
-            "sh",
-            "-c",
-            &format!("touch {}; sleep 4", s(&held)),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the snapshot to hold", Duration::from_secs(20), || {
-        held.exists()
-    });
+    let snapshot = snapshot_holding(&fx, 4);
     let pulled = Instant::now();
     fx.card().pull();
     wait_until("the vault to lock", Duration::from_secs(5), || {

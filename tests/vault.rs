@@ -5,12 +5,11 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::vault::{
-    Fixture, assert_fails, assert_ok, content, stdout, tree_digests, wait_for_exit,
+    Fixture, assert_fails, assert_ok, content, flip_bit, stdout, tree_digests, wait_for_exit,
 };
 
 /// Exit codes from docs/user-guide.md.
@@ -236,20 +235,6 @@ fn mountpoint_problems_and_a_second_mount_are_refused() {
     assert_fails(&fx.mount(&[]), VAULT_IN_USE, &["already open"]);
     assert_ok(&fx.unmount());
     wait_for_exit(pid, Duration::from_secs(10));
-}
-
-/// Flip one bit of the file at `offset`.
-fn flip_bit(path: &Path, offset: u64) {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    byte[0] ^= 0x10;
-    file.write_all_at(&byte, offset).unwrap();
-    file.sync_all().unwrap();
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Output;
 
-use common::vault::{Fixture, assert_fails, assert_ok, content, s, stdout};
+use common::vault::{Fixture, assert_fails, assert_ok, content, flip_bit, s, stdout};
 
 /// Exit codes from docs/user-guide.md.
 const USAGE: i32 = 2;
@@ -25,20 +25,6 @@ const DATA_OFFSET: u64 = 65536;
 
 fn verify(fx: &Fixture, vault: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["verify", s(vault)];
-    args.extend_from_slice(extra);
-    fx.run(&args)
-}
-
-fn verify_deep(fx: &Fixture, vault: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "verify",
-        "--deep",
-        s(vault),
-        "--password-file",
-        s(&fx.password),
-        "--pin-file",
-        s(&fx.pin),
-    ];
     args.extend_from_slice(extra);
     fx.run(&args)
 }
@@ -89,7 +75,7 @@ fn a_good_vault_passes_both_levels_and_is_not_written() {
 
     // Mounted: the keyless check works, the deep one is refused, naming the mount.
     assert_ok(&verify(&fx, &fx.vault, &[]));
-    let out = verify_deep(&fx, &fx.vault, &[]);
+    let out = fx.verify_deep(&fx.vault, &[]);
     assert_fails(
         &out,
         VAULT_IN_USE,
@@ -109,13 +95,13 @@ fn a_good_vault_passes_both_levels_and_is_not_written() {
     assert!(text.contains("header copy A"), "{text}");
     assert!(text.contains("no damage found"), "{text}");
 
-    let out = verify_deep(&fx, &fx.vault, &[]);
+    let out = fx.verify_deep(&fx.vault, &[]);
     assert_ok(&out);
     let text = stdout(&out);
     assert!(text.contains("every sector authenticates"), "{text}");
     assert!(text.contains("consistent"), "{text}");
 
-    let out = verify_deep(&fx, &fx.vault, &["--json"]);
+    let out = fx.verify_deep(&fx.vault, &["--json"]);
     assert_ok(&out);
     let report = json(&out);
     assert_eq!(report["ok"], true, "{report:#}");
@@ -167,7 +153,7 @@ fn a_copy_of_a_mounted_vault_passes_deep_and_is_not_written() {
     assert_ok(&fx.unmount());
 
     let before = digest(&copy);
-    let out = verify_deep(&fx, &copy, &["--json"]);
+    let out = fx.verify_deep(&copy, &["--json"]);
     assert_ok(&out);
     let report = json(&out);
     assert_eq!(report["ok"], true, "{report:#}");
@@ -191,20 +177,6 @@ fn a_copy_of_a_mounted_vault_passes_deep_and_is_not_written() {
     assert_eq!(digest(&copy), before);
 }
 
-/// Flip one bit of the file at `offset`.
-fn flip_bit(path: &Path, offset: u64) {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    byte[0] ^= 0x10;
-    file.write_all_at(&byte, offset).unwrap();
-    file.sync_all().unwrap();
-}
-
 #[test]
 fn a_flipped_bit_names_the_damaged_file_and_only_it() {
     let fx = Fixture::create_and_mount(60_000_703, &[]);
@@ -222,7 +194,7 @@ fn a_flipped_bit_names_the_damaged_file_and_only_it() {
     assert_ok(&verify(&fx, &fx.vault, &[]));
 
     let before = fx.vault_digest();
-    let out = verify_deep(&fx, &fx.vault, &["--json"]);
+    let out = fx.verify_deep(&fx.vault, &["--json"]);
     assert_fails(&out, VERIFY_DAMAGE, &["damaged"]);
     let report = json(&out);
     assert_eq!(report["ok"], false);
@@ -250,7 +222,7 @@ fn a_flipped_bit_names_the_damaged_file_and_only_it() {
     );
 
     // The human report names it, says the rest is fine and what to do.
-    let out = verify_deep(&fx, &fx.vault, &[]);
+    let out = fx.verify_deep(&fx.vault, &[]);
     assert_fails(&out, VERIFY_DAMAGE, &[]);
     let text = stdout(&out);
     assert!(
@@ -319,7 +291,7 @@ fn truncated_damaged_header_and_incomplete_copies_are_reported() {
     assert!(text.contains("header copy B"), "{text}");
     assert!(text.contains("copy B (generation"), "{text}");
     assert!(text.contains("keybound header restore"), "{text}");
-    let out = verify_deep(&fx, &torn, &["--json"]);
+    let out = fx.verify_deep(&torn, &["--json"]);
     assert_fails(&out, VERIFY_DAMAGE, &[]);
     let report = json(&out);
     assert_eq!(report["shallow"]["copy_used"], "B");
@@ -344,7 +316,7 @@ fn truncated_damaged_header_and_incomplete_copies_are_reported() {
     fs::copy(&fx.vault, &headless).unwrap();
     flip_bit(&headless, DATA_OFFSET + 100);
     flip_bit(&headless, DATA_OFFSET + 4124 + 100);
-    let out = verify_deep(&fx, &headless, &["--json"]);
+    let out = fx.verify_deep(&headless, &["--json"]);
     assert_fails(&out, VERIFY_DAMAGE, &[]);
     let report = json(&out);
     assert!(
@@ -363,7 +335,7 @@ fn truncated_damaged_header_and_incomplete_copies_are_reported() {
             .starts_with("filesystem metadata"),
         "{report:#}"
     );
-    let out = verify_deep(&fx, &headless, &[]);
+    let out = fx.verify_deep(&headless, &[]);
     assert_fails(&out, VERIFY_DAMAGE, &[]);
     let text = stdout(&out);
     assert!(text.contains("restore"), "{text}");

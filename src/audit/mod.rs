@@ -37,6 +37,7 @@ use serde::Serialize;
 
 pub use chain::{Anchor, Appended, Head, Verified, head_path, verify};
 pub use error::AuditError;
+pub use system::Utc;
 
 /// The environment variable naming the audit log (below `--audit-log`).
 pub const ENV: &str = "KEYBOUND_AUDIT_LOG";

@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A broken-down UTC time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Utc {
+pub struct Utc {
     pub year: i64,
     pub month: u32,
     pub day: u32,
@@ -20,6 +20,14 @@ impl Utc {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         Self::from_unix_millis(since.as_millis() as i64)
+    }
+
+    pub fn from_unix_secs(secs: u64) -> Self {
+        Self::from_unix_millis(
+            i64::try_from(secs)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
+        )
     }
 
     pub fn from_unix_millis(ms: i64) -> Self {

@@ -1216,24 +1216,13 @@ mod tests {
 
     use super::*;
     use crate::fs::testing::PlainFileStorage;
+    use crate::fs::tests::pattern;
     use crate::fs::{Caller, Mode};
 
     const ME: Caller = Caller {
         uid: 1000,
         gid: 1000,
     };
-
-    fn pattern(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(6364136223846793005) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     struct T {
         _dir: tempfile::TempDir,

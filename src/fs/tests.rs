@@ -62,7 +62,7 @@ fn read_all(fs: &mut Fs, ino: u64) -> Vec<u8> {
     fs.read(ino, 0, size as u32).unwrap().to_vec()
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);

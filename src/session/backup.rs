@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::control::{ControlError, DaemonHold};
 use super::registry;
+use crate::audit::Utc;
 use crate::container::{
     Container, ContainerError, SECTOR_SIZE, Severity, Thawed, lock_shared, partial_marker,
     verify_container,
@@ -500,30 +501,11 @@ fn dated_copy_key(path: &Path, prefix: &str, ext: &str) -> Option<(String, u32)>
 
 /// Unix seconds as `YYYYMMDDTHHMMSSZ` (UTC).
 fn utc_stamp(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
+    let t = Utc::from_unix_secs(secs);
     format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// Copy unit: a whole number of sectors.

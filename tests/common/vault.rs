@@ -187,6 +187,21 @@ impl Fixture {
         self.card.as_mut().expect("the card was released")
     }
 
+    /// `keybound verify --deep CONTAINER EXTRA` with the fixture's secrets.
+    pub fn verify_deep(&self, container: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "verify",
+            "--deep",
+            s(container),
+            "--password-file",
+            s(&self.password),
+            "--pin-file",
+            s(&self.pin),
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// SHA-256 of the container file, to prove a refusal changed nothing.
     pub fn vault_digest(&self) -> String {
         use sha2::{Digest, Sha256};
@@ -257,6 +272,21 @@ pub fn wait_for_exit(pid: u32, timeout: Duration) {
 }
 
 /// `path` as `&str`, for argument lists.
+/// Flip one bit of the file at `offset`.
+pub fn flip_bit(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    byte[0] ^= 0x10;
+    file.write_all_at(&byte, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
