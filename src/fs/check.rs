@@ -1215,25 +1215,12 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::fs::Mode;
     use crate::fs::testing::PlainFileStorage;
-    use crate::fs::tests::pattern;
-    use crate::fs::{Caller, Mode};
-
-    const ME: Caller = Caller {
-        uid: 1000,
-        gid: 1000,
-    };
-
-    struct T {
-        _dir: tempfile::TempDir,
-        path: std::path::PathBuf,
-    }
+    use crate::fs::tests::{ME, T, pattern};
 
     fn sample() -> (T, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fs");
-        let storage = Arc::new(PlainFileStorage::create(&path).unwrap());
-        let mut fs = Fs::create(storage, 1000, 1000).unwrap();
+        let (t, mut fs) = T::new();
         let d = fs.mkdir(ROOT_INO, b"docs", 0o755, ME).unwrap();
         let big = pattern(7, 300_000);
         let f = fs
@@ -1250,7 +1237,7 @@ mod tests {
         fs.mknod(ROOT_INO, b"sparse", libc::S_IFREG | 0o600, 0, ME)
             .unwrap();
         fs.close().unwrap();
-        (T { _dir: dir, path }, big)
+        (t, big)
     }
 
     fn check(storage: Arc<PlainFileStorage>) -> (CheckReport, Vec<(String, StepOutcome)>) {

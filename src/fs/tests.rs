@@ -5,19 +5,20 @@ use std::sync::Arc;
 use super::testing::PlainFileStorage;
 use super::*;
 
-const ME: Caller = Caller {
+pub(super) const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };
 
-struct T {
+/// A filesystem on plain-file storage in a temp dir (also used by the fs check's tests).
+pub(super) struct T {
     _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
+    pub(super) path: std::path::PathBuf,
     storage: Arc<PlainFileStorage>,
 }
 
 impl T {
-    fn new() -> (Self, Fs) {
+    pub(super) fn new() -> (Self, Fs) {
         Self::with_capacity(None)
     }
 
