@@ -304,7 +304,7 @@ fn authorise(
     }
 }
 
-fn read_recovery_key(file: Option<&Path>) -> Result<SecretBytes> {
+pub(super) fn read_recovery_key(file: Option<&Path>) -> Result<SecretBytes> {
     let text = prompt::secret(
         file,
         "recovery key",

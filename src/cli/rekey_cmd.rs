@@ -19,13 +19,12 @@ use keybound::container::{
     Access, Container, ContainerError, HeaderInfo, RekeyProgress, SECTOR_SIZE, SlotCarry, SlotKind,
 };
 use keybound::crypto::MasterKey;
-use keybound::secrets::SecretBytes;
 use keybound::session::admin::rekey::{self as admin_rekey, AuthoritySecret};
-use keybound::session::admin::{self, Authority, Credentials, recovery};
+use keybound::session::admin::{self, Authority, Credentials};
 use serde::Serialize;
 
-use super::admin_cmd::AuthorityArgs;
-use super::{audit_cmd, exitcodes, prompt};
+use super::admin_cmd::{AuthorityArgs, read_recovery_key};
+use super::{audit_cmd, exitcodes};
 
 #[derive(Args)]
 pub struct RekeyArgs {
@@ -153,16 +152,6 @@ fn open_locked(vault: &Path) -> Result<Container> {
         Err(e @ ContainerError::Locked { .. }) => Err(super::admin_cmd::in_use(vault, e)),
         Err(e) => Err(e.into()),
     }
-}
-
-fn read_recovery_key(file: Option<&Path>) -> Result<SecretBytes> {
-    let text = prompt::secret(
-        file,
-        "recovery key",
-        "Recovery key: ",
-        "--recovery-key-file",
-    )?;
-    Ok(recovery::parse(text.expose()).map_err(admin::AdminError::from)?)
 }
 
 fn rekey(args: &RekeyArgs, event: &mut Event) -> Result<()> {
