@@ -300,28 +300,15 @@ impl Container {
     }
 
     fn from_file(path: &Path, file: File, access: Access) -> Result<Container, ContainerError> {
-        let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
-        let area = read_header_area(&file, file_len).map_err(io_err(path, "read the header of"))?;
-        let copies = Copies::parse(&area);
-        let (used, other_valid) = match copies.choose() {
-            Choice::Use { used, other_valid } => (used, other_valid),
-            Choice::NotAContainer => {
-                return Err(ContainerError::NotAContainer {
-                    path: path.to_path_buf(),
-                });
-            }
-            Choice::UnsupportedVersion(version) => {
-                return Err(ContainerError::UnsupportedVersion {
-                    path: path.to_path_buf(),
-                    version,
-                    supported: FORMAT_VERSION,
-                });
-            }
-            Choice::BothDamaged => {
-                return Err(ContainerError::BothHeadersDamaged {
-                    path: path.to_path_buf(),
-                });
-            }
+        let HeaderCopies {
+            file_len,
+            copies,
+            chosen,
+        } = read_copies(path, &file)?;
+        let Some((used, other_valid)) = chosen else {
+            return Err(ContainerError::BothHeadersDamaged {
+                path: path.to_path_buf(),
+            });
         };
         let [a, b] = copies.parsed;
         let mut raw = [None, None];
@@ -623,6 +610,43 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
 
 /// The two header copies (or as much of them as the file holds), read by
 /// position so the descriptor's offset never matters.
+/// Both header copies of a file, and which one to use.
+pub(crate) struct HeaderCopies {
+    pub file_len: u64,
+    pub copies: Copies,
+    /// `(copy used, the other one valid too)`; `None` when both are damaged.
+    pub chosen: Option<(usize, bool)>,
+}
+
+/// Read both header copies of `path` and choose the one to use. Not a
+/// container, or a newer format: an error.
+pub(crate) fn read_copies(path: &Path, file: &File) -> Result<HeaderCopies, ContainerError> {
+    let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    let area = read_header_area(file, file_len).map_err(io_err(path, "read the header of"))?;
+    let copies = Copies::parse(&area);
+    let chosen = match copies.choose() {
+        Choice::Use { used, other_valid } => Some((used, other_valid)),
+        Choice::BothDamaged => None,
+        Choice::NotAContainer => {
+            return Err(ContainerError::NotAContainer {
+                path: path.to_path_buf(),
+            });
+        }
+        Choice::UnsupportedVersion(version) => {
+            return Err(ContainerError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                version,
+                supported: FORMAT_VERSION,
+            });
+        }
+    };
+    Ok(HeaderCopies {
+        file_len,
+        copies,
+        chosen,
+    })
+}
+
 fn read_header_area(file: &File, file_len: u64) -> std::io::Result<Vec<u8>> {
     let mut area = vec![0u8; file_len.min(RESERVED_AREA_OFFSET) as usize];
     file.read_exact_at(&mut area, 0)?;

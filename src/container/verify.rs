@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::error::{ContainerError, io_err};
-use super::header::{Choice, Copies, CopyProblem, Header, verify_mac};
+use super::header::{CopyProblem, Header, verify_mac};
 use super::layout::*;
-use super::{Container, HeaderCopy, RekeyInfo, header_info, mac_for, read_header_area};
+use super::{Container, HeaderCopies, HeaderCopy, RekeyInfo, header_info, mac_for, read_copies};
 use crate::crypto::MasterKey;
 
 /// How serious a finding is: damage makes `verify` fail; a note does not.
@@ -167,28 +167,18 @@ fn letter(copy: usize) -> &'static str {
 /// error (there is nothing to verify); everything else is reported.
 pub fn verify_container(path: &Path) -> Result<ShallowReport, ContainerError> {
     let file = File::open(path).map_err(io_err(path, "open"))?;
-    let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
-    let area = read_header_area(&file, file_len).map_err(io_err(path, "read the header of"))?;
+    let HeaderCopies {
+        file_len,
+        copies,
+        chosen,
+    } = read_copies(path, &file)?;
     drop(file);
-    let copies = Copies::parse(&area);
     let mut findings = Vec::new();
 
     let reports = [0, 1].map(|i| copy_report(i, &copies.parsed[i]));
-    let (used, other_valid) = match copies.choose() {
-        Choice::Use { used, other_valid } => (Some(used), other_valid),
-        Choice::NotAContainer => {
-            return Err(ContainerError::NotAContainer {
-                path: path.to_path_buf(),
-            });
-        }
-        Choice::UnsupportedVersion(version) => {
-            return Err(ContainerError::UnsupportedVersion {
-                path: path.to_path_buf(),
-                version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        Choice::BothDamaged => (None, false),
+    let (used, other_valid) = match chosen {
+        Some((used, other_valid)) => (Some(used), other_valid),
+        None => (None, false),
     };
 
     let mut report = ShallowReport {
