@@ -257,6 +257,11 @@ impl SectorStore {
         self.gate.clone()
     }
 
+    /// Whether a backup holds the file still now.
+    pub fn is_held_still(&self) -> bool {
+        self.gate.is_frozen()
+    }
+
     pub fn container_path(&self) -> &Path {
         &self.path
     }

@@ -3,22 +3,19 @@
 //! filesystem asks for.
 
 use std::io;
-use std::sync::Arc;
 
 use redb::StorageBackend;
 
-use crate::container::{FreezeGate, SectorStore};
+use crate::container::SectorStore;
 
 #[derive(Debug)]
 pub(crate) struct EncryptedStorage {
     store: SectorStore,
-    gate: Arc<FreezeGate>,
 }
 
 impl EncryptedStorage {
     pub(crate) fn new(store: SectorStore) -> Self {
-        let gate = store.freeze_gate();
-        EncryptedStorage { store, gate }
+        EncryptedStorage { store }
     }
 }
 
@@ -62,7 +59,7 @@ impl crate::fs::Storage for EncryptedStorage {
     }
 
     fn holds_commits(&self) -> bool {
-        self.gate.is_frozen()
+        self.store.is_held_still()
     }
 }
 
