@@ -39,10 +39,11 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// plaintext), bounding the buffers a large request needs.
 const IO_CHUNK_SECTORS: u64 = 256;
 
-/// Writes of at most this many pages (redb's btree pages, its header) go into
-/// the cache; larger ones (file data) only evict what they overwrite, so a
+/// Reads and writes of at most this many pages (redb's btree pages, its
+/// header) go into the cache; larger ones (file data, which the kernel caches
+/// above us) are not cached, and writes evict what they overwrite, so a
 /// stream of data does not push the metadata out of the cache.
-const CACHE_WRITE_PAGES: usize = 4;
+const CACHE_RUN_PAGES: usize = 4;
 
 /// Written bytes after which the kernel is asked to start writing the
 /// container's dirty pages out (`sync_file_range(SYNC_FILE_RANGE_WRITE)`,
@@ -471,32 +472,99 @@ impl SectorStore {
     }
 
     /// Read and open the pages `first..` filling `dst`, which are all below
-    /// the extent and not cached.
+    /// the extent and not cached. Each sector's ciphertext is read straight
+    /// into its place in `dst` and opened there, so no buffer ever holds
+    /// plaintext but `dst`. Only short runs (redb's btree pages) go into the
+    /// cache: a long one is file data, which the kernel caches above us, and
+    /// caching it would push the metadata out.
     fn load_run(&self, first: u64, dst: &mut [u8]) -> io::Result<()> {
-        let count = (dst.len() / SECTOR_SIZE) as u64;
-        let mut buf = self.read_sealed(first + 1, count)?;
-        // Decrypt outside the cache lock, so parallel readers decrypt in parallel.
-        let mut authentic = vec![false; count as usize];
-        for (i, (slot, out)) in buf
-            .chunks_mut(SEALED_SECTOR_SIZE)
-            .zip(dst.chunks_mut(SECTOR_SIZE))
-            .enumerate()
-        {
+        let count = dst.len() / SECTOR_SIZE;
+        let mut frames = vec![[0u8; NONCE_LEN + TAG_LEN]; count];
+        self.read_sealed_into(first + 1, dst, &mut frames)?;
+        let mut authentic = vec![false; count];
+        for (i, (out, frame)) in dst.chunks_mut(SECTOR_SIZE).zip(&frames).enumerate() {
             let page = first + i as u64;
-            if self.open(page + 1, slot) {
-                out.copy_from_slice(&slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE]);
+            let (nonce, tag) = frame.split_at(NONCE_LEN);
+            let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("nonce length");
+            let tag: [u8; TAG_LEN] = tag.try_into().expect("tag length");
+            if self
+                .cipher
+                .open_in_place(&nonce, &self.aad(page + 1), out, &tag)
+                .is_ok()
+            {
                 authentic[i] = true;
             } else {
                 out.fill(0);
                 self.note_damage(page + 1);
             }
         }
-        buf.zeroize();
-        let mut cache = self.cache()?;
-        for (i, out) in dst.chunks(SECTOR_SIZE).enumerate() {
-            if authentic[i] {
-                cache.insert(first + i as u64, out);
+        if count <= CACHE_RUN_PAGES {
+            let mut cache = self.cache()?;
+            for (i, out) in dst.chunks(SECTOR_SIZE).enumerate() {
+                if authentic[i] {
+                    cache.insert(first + i as u64, out);
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Read physical sectors `first..` with one `preadv`: each one's
+    /// ciphertext into its 4096 bytes of `dst`, its nonce and tag into
+    /// `frames`. A short read (the file ends early) falls back to
+    /// [`Self::read_sealed`], which says that the file was truncated.
+    fn read_sealed_into(
+        &self,
+        first: u64,
+        dst: &mut [u8],
+        frames: &mut [[u8; NONCE_LEN + TAG_LEN]],
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let count = frames.len();
+        let mut iov = Vec::with_capacity(3 * count);
+        for (body, frame) in dst.chunks_mut(SECTOR_SIZE).zip(frames.iter_mut()) {
+            let (nonce, tag) = frame.split_at_mut(NONCE_LEN);
+            for part in [nonce, body, tag] {
+                iov.push(libc::iovec {
+                    iov_base: part.as_mut_ptr().cast(),
+                    iov_len: part.len(),
+                });
+            }
+        }
+        let want = count * SEALED_SECTOR_SIZE;
+        let offset = libc::off_t::try_from(sector_offset(first)).map_err(io::Error::other)?;
+        let n = loop {
+            // SAFETY: every iovec points into `dst` or `frames`, which are
+            // borrowed mutably for this call and outlive it; the count is the
+            // vector's length (at most 3 × IO_CHUNK_SECTORS, below IOV_MAX).
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as i32,
+                    offset,
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        if n == want {
+            return Ok(());
+        }
+        let buf = self.read_sealed(first, count as u64)?;
+        for ((slot, body), frame) in buf
+            .chunks(SEALED_SECTOR_SIZE)
+            .zip(dst.chunks_mut(SECTOR_SIZE))
+            .zip(frames.iter_mut())
+        {
+            frame[..NONCE_LEN].copy_from_slice(&slot[..NONCE_LEN]);
+            body.copy_from_slice(&slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE]);
+            frame[NONCE_LEN..].copy_from_slice(&slot[NONCE_LEN + SECTOR_SIZE..]);
         }
         Ok(())
     }
@@ -702,7 +770,7 @@ impl SectorStore {
         let mut cache = self.cache()?;
         for (i, page) in pages.chunks(SECTOR_SIZE).enumerate() {
             let n = first + i as u64;
-            if count > CACHE_WRITE_PAGES {
+            if count > CACHE_RUN_PAGES {
                 cache.remove(n);
             } else if n == 0 {
                 // The cache holds page 0 as redb wrote it: generation bytes zero.

@@ -723,6 +723,33 @@ fn flipped_bit_reads_as_zeros_and_is_counted() {
 }
 
 #[test]
+fn a_container_cut_short_while_open_fails_reads_past_the_cut_and_says_so() {
+    let v = create_vault(None);
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.set_len(12 * 4096).unwrap();
+    store.write(4096, &pattern(11 * 4096, 9)).unwrap();
+    store.sync_data().unwrap();
+    drop(store);
+    let store = unlock(&v.path, Access::ReadWrite);
+    // Someone else cuts the file in the middle of page 8 (physical sector 9).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.path)
+        .unwrap();
+    f.set_len(sector_offset(9) + 1000).unwrap();
+    drop(f);
+    // Pages 1..8 are whole: a long run (not cached) reads them exactly.
+    let mut out = vec![0u8; 7 * 4096];
+    store.read(4096, &mut out).unwrap();
+    assert_eq!(out, pattern(11 * 4096, 9)[..7 * 4096]);
+    let mut out = vec![0u8; 6 * 4096];
+    let e = store.read(5 * 4096, &mut out).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert_eq!(store.damaged_reads(), 0, "a cut file is not damage");
+}
+
+#[test]
 fn damage_under_redb_fails_one_read_not_the_database() {
     let v = create_vault(None);
     let big = vec![0x5au8; 64 * 1024];
