@@ -650,16 +650,12 @@ fn unmount_inner(args: &UnmountArgs, event: &mut Event) -> Result<()> {
 /// The daemon commits and exits after the unmount; wait for that, so the
 /// container is complete when `unmount` returns.
 fn wait_for_exit(pid: u32, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    while registry::process_alive(pid) {
-        if start.elapsed() > timeout {
-            bail!(
-                "the mount daemon (process {pid}) has not exited {} s after the unmount; \
-                 check its log",
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !registry::wait_for_exit(pid, timeout) {
+        bail!(
+            "the mount daemon (process {pid}) has not exited {} s after the unmount; \
+             check its log",
+            timeout.as_secs()
+        );
     }
     Ok(())
 }

@@ -7,8 +7,9 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +166,48 @@ pub fn process_alive(pid: u32) -> bool {
     let rc = unsafe { libc::kill(pid, 0) };
     let exists = rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     exists && !is_zombie(pid)
+}
+
+/// Wait until process `pid` has exited, at most `timeout`; whether it did.
+///
+/// Sleeps on a pidfd (Linux 5.3+), which wakes the moment the process ends,
+/// so `keybound unmount` returns as soon as the daemon is done instead of at
+/// the next tick of a poll. Falls back to polling every 20 ms without pidfds.
+pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if let Ok(fd) = i32::try_from(fd)
+        && fd >= 0
+    {
+        // SAFETY: `fd` was just returned to us and is closed by the OwnedFd only.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        while process_alive(pid) {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return false;
+            }
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one valid pollfd. EINTR just loops.
+            unsafe { libc::poll(&mut p, 1, ms) };
+        }
+        return true;
+    }
+    while process_alive(pid) {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// A process that exited but was not reaped yet (state `Z` in /proc/PID/stat).
