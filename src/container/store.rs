@@ -14,7 +14,7 @@
 //! cache. `sync_data` holds it shared: it changes no sector. Lock order:
 //! `live`, then `cache`, then `meta`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -53,6 +53,10 @@ const CACHE_RUN_PAGES: usize = 4;
 /// `sync_data` promises anything.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
+/// Gap sectors sealed as zeros per batch when `sync_data` fills the gaps
+/// (bounds the list of sectors a batch builds).
+const GAP_FILL_BATCH: u64 = 4096;
+
 /// Nonces drawn from the system's random source at once (one `getrandom`
 /// per this many sealed sectors, instead of one per write).
 const NONCE_POOL: usize = 256;
@@ -65,8 +69,18 @@ const S: u64 = SECTOR_SIZE as u64;
 struct Live {
     /// redb's logical length: what `len()` returns.
     store_len: u64,
-    /// Physical sectors `0..extent` have been sealed at least once.
+    /// Physical sectors `0..extent` have been sealed at least once, except
+    /// those in `gaps`.
     extent: u64,
+    /// Sectors below `extent` never sealed yet, as disjoint ranges
+    /// `start -> end`: the gap a write far beyond the extent leaves (redb
+    /// writes a page near the new end when it doubles the store). They read
+    /// as zeros, like sectors beyond the extent, and `sync_data` seals zeros
+    /// into what data has not overwritten by then, before it records the
+    /// extent: every durable extent covers sealed sectors only (FORMAT.md
+    /// §4.2), while the zeros that data would overwrite a moment later are
+    /// never written. Always empty below the extent in the header.
+    gaps: BTreeMap<u64, u64>,
     /// The physical sector (0 or 1) holding the newest copy of page 0.
     page0_newest: Option<u64>,
     /// Its generation (0 if none authenticates).
@@ -82,6 +96,33 @@ struct Live {
 }
 
 impl Live {
+    fn in_gap(&self, sector: u64) -> bool {
+        self.gaps
+            .range(..=sector)
+            .next_back()
+            .is_some_and(|(_, &end)| sector < end)
+    }
+
+    /// Sectors `lo..hi` are sealed now (or are cut off): no longer a gap.
+    fn close_gaps(&mut self, lo: u64, hi: u64) {
+        let touched: Vec<(u64, u64)> = self
+            .gaps
+            .range(..hi)
+            .rev()
+            .take_while(|&(_, &end)| end > lo)
+            .map(|(&start, &end)| (start, end))
+            .collect();
+        for (start, end) in touched {
+            self.gaps.remove(&start);
+            if start < lo {
+                self.gaps.insert(start, lo);
+            }
+            if end > hi {
+                self.gaps.insert(hi, end);
+            }
+        }
+    }
+
     /// Fill `out` (a whole number of nonces) with fresh random nonces.
     fn take_nonces(&mut self, out: &mut [u8]) -> io::Result<()> {
         let mut at = 0;
@@ -189,6 +230,7 @@ impl SectorStore {
             extent: h.extent,
             page0_newest: None,
             page0_generation: 0,
+            gaps: BTreeMap::new(),
             seals: h.seal_reserve,
             reserve: h.seal_reserve,
             nonces: Vec::new(),
@@ -408,12 +450,13 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Whether redb page `page` has been written (is below the extent).
+    /// Whether redb page `page` has been written (is below the extent and
+    /// not in a gap).
     fn present(live: &Live, page: u64) -> bool {
         if page == 0 {
             live.extent > 0
         } else {
-            page + 1 < live.extent
+            page + 1 < live.extent && !live.in_gap(page + 1)
         }
     }
 
@@ -767,7 +810,9 @@ impl SectorStore {
 
         // Physical sectors to seal, in file order: the pages, and every
         // never-written sector below the new extent (sealed zeros, so the
-        // data area has no holes and reads of them authenticate).
+        // data area has no holes and reads of them authenticate) — except
+        // a gap below pages beyond the extent, which waits for `sync_data`
+        // (`Live::gaps`). Page 0's shadow pair is never part of a gap.
         let mut sectors: Vec<(u64, Source)> = (0..count)
             .map(|i| {
                 let page = first + i as u64;
@@ -783,8 +828,11 @@ impl SectorStore {
         // page 0's target.
         let written =
             |s: u64| (s > first.max(1) && s <= last + 1) || page0.is_some_and(|target| s == target);
+        let deferred = (first >= 1 && live.extent >= 2 && first + 1 > live.extent)
+            .then_some((live.extent, first + 1));
+        let zeros_from = deferred.map_or(live.extent, |(_, end)| end);
         sectors.extend(
-            (live.extent..new_extent)
+            (zeros_from..new_extent)
                 .filter(|&s| !written(s))
                 .map(|s| (s, Source::Zero)),
         );
@@ -809,7 +857,26 @@ impl SectorStore {
             }
         }
         drop(cache);
+        if last >= 1 {
+            live.close_gaps(first.max(1) + 1, last + 2);
+        }
+        if let Some((start, end)) = deferred {
+            live.gaps.insert(start, end);
+        }
         live.extent = new_extent;
+        Ok(())
+    }
+
+    /// Seal zeros into every gap left below the extent, so the extent
+    /// about to be recorded covers sealed sectors only.
+    fn fill_gaps(&self, live: &mut Live) -> io::Result<()> {
+        while let Some((&start, &end)) = live.gaps.iter().next() {
+            let stop = end.min(start + GAP_FILL_BATCH);
+            let sectors: Vec<(u64, Source)> = (start..stop).map(|s| (s, Source::Zero)).collect();
+            self.reserve_seals(live, sectors.len() as u64)?;
+            self.seal_and_write(live, &sectors, &[])?;
+            live.close_gaps(start, stop);
+        }
         Ok(())
     }
 
@@ -921,12 +988,14 @@ impl SectorStore {
         }
         live.store_len = len;
         live.extent = live.extent.min(sectors_for_len(len));
+        let extent = live.extent;
+        live.close_gaps(extent, u64::MAX);
         if live.extent == 0 {
             live.page0_newest = None;
         }
         self.cache()?.remove_from(len.div_ceil(S));
         if self.capacity.is_none() {
-            self.truncate_file(&live)?;
+            self.truncate_file(&mut live)?;
         }
         Ok(())
     }
@@ -935,11 +1004,12 @@ impl SectorStore {
     /// first make the smaller length and extent durable in the header, then
     /// truncate, so a crash in between never leaves a header that promises
     /// more file than there is.
-    fn truncate_file(&self, live: &Live) -> io::Result<()> {
+    fn truncate_file(&self, live: &mut Live) -> io::Result<()> {
         let needed = file_len_for_sectors(live.extent);
         if self.file.metadata()?.len() <= needed {
             return Ok(());
         }
+        self.fill_gaps(live)?;
         self.file.sync_data()?;
         self.record_len_and_extent(live)?;
         self.file.set_len(needed)
@@ -960,14 +1030,23 @@ impl SectorStore {
         })
     }
 
-    /// fdatasync the sectors, then record the length and extent that cover
-    /// them. redb calls this before it writes a commit's header, so a
-    /// durable commit never references a page beyond the durable extent.
+    /// Fill the gaps, fdatasync the sectors, then record the length and
+    /// extent that cover them. redb calls this before it writes a commit's
+    /// header, so a durable commit never references a page beyond the
+    /// durable extent. Without gaps to fill, reads go on meanwhile.
     fn sync_impl(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let live = self.live_read()?;
+        {
+            let live = self.live_read()?;
+            if live.gaps.is_empty() {
+                self.file.sync_data()?;
+                return self.record_len_and_extent(&live);
+            }
+        }
+        let mut live = self.live_write()?;
+        self.fill_gaps(&mut live)?;
         self.file.sync_data()?;
         self.record_len_and_extent(&live)
     }
@@ -1142,7 +1221,8 @@ impl SectorStore {
                 .map_err(|e| ContainerError::io(&self.path, "read", e))?;
             for (i, slot) in buf.chunks_mut(SEALED_SECTOR_SIZE).enumerate() {
                 let sector = first + i as u64;
-                if !self.open(sector, slot) {
+                // A gap is not written yet (it reads as zeros): not damage.
+                if !self.open(sector, slot) && !live.in_gap(sector) {
                     damaged.push(sector);
                 }
             }

@@ -904,6 +904,41 @@ fn raw_sector(path: &Path, sector: u64) -> Vec<u8> {
 }
 
 #[test]
+fn a_gap_below_a_far_write_reads_zeros_and_is_sealed_by_the_next_sync() {
+    let v = create_vault(None);
+    let page = |k: u64| k * 4096;
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        store.set_len(page(4)).unwrap();
+        store.write(page(1), &[1u8; 4096]).unwrap();
+        store.sync_data().unwrap();
+        // Far beyond the extent (as redb's first page after doubling the store).
+        store.set_len(page(2000)).unwrap();
+        store.write(page(1999), &[2u8; 4096]).unwrap();
+        store.write(page(1500), &[3u8; 4096]).unwrap();
+        let mut out = vec![9u8; 4096];
+        store.read(page(1000), &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0));
+        // The gap is not written before the sync (physical sector = page + 1)...
+        assert!(raw_sector(&v.path, 1001).iter().all(|&b| b == 0));
+        store.sync_data().unwrap();
+        // ...and sealed by it, so the recorded extent covers sealed sectors only.
+        assert!(raw_sector(&v.path, 1001).iter().any(|&b| b != 0));
+        assert_eq!(store.damaged_reads(), 0);
+    }
+    assert_eq!(Container::inspect(&v.path).unwrap().extent_sectors, 2001);
+    let store = unlock(&v.path, Access::ReadOnly);
+    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
+    assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
+    for (k, want) in [(1, 1u8), (2, 0), (1000, 0), (1500, 3), (1998, 0), (1999, 2)] {
+        let mut out = vec![9u8; 4096];
+        store.read(page(k), &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == want), "page {k}");
+    }
+    assert_eq!(store.damaged_reads(), 0);
+}
+
+#[test]
 fn rewriting_what_a_page_already_holds_leaves_the_file_alone() {
     let v = create_vault(None);
     let store = unlock(&v.path, Access::ReadWrite);
