@@ -62,8 +62,14 @@ impl Drop for Change<'_> {
     fn drop(&mut self) {
         let mut s = self.gate.lock();
         s.writers -= 1;
+        // Only a freeze waits for the changes under way to end, and it sets
+        // `frozen` (under the lock) before it waits: without one there is
+        // nobody to wake, and a wake is a syscall on every store call.
+        let wake = s.writers == 0 && s.frozen.is_some();
         drop(s);
-        self.gate.changed.notify_all();
+        if wake {
+            self.gate.changed.notify_all();
+        }
     }
 }
 
