@@ -19,6 +19,7 @@ mod freeze;
 mod header;
 pub mod layout;
 mod lock;
+mod ranges;
 mod rekey;
 mod slot;
 mod store;

@@ -14,7 +14,7 @@
 //! cache. `sync_data` holds it shared: it changes no sector. Lock order:
 //! `live`, then `cache`, then `meta`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -30,6 +30,7 @@ use super::fill_random;
 use super::freeze::FreezeGate;
 use super::header::{Header, HeaderWriter};
 use super::layout::*;
+use super::ranges::RangeSet;
 use crate::crypto::{CONTAINER_ID_LEN, HeaderMac, NONCE_LEN, SectorCipher, TAG_LEN};
 
 /// Default size of the plaintext sector cache.
@@ -80,7 +81,7 @@ struct Live {
     /// extent: every durable extent covers sealed sectors only (FORMAT.md
     /// §4.2), while the zeros that data would overwrite a moment later are
     /// never written. Always empty below the extent in the header.
-    gaps: BTreeMap<u64, u64>,
+    gaps: RangeSet,
     /// The physical sector (0 or 1) holding the newest copy of page 0.
     page0_newest: Option<u64>,
     /// Its generation (0 if none authenticates).
@@ -96,33 +97,6 @@ struct Live {
 }
 
 impl Live {
-    fn in_gap(&self, sector: u64) -> bool {
-        self.gaps
-            .range(..=sector)
-            .next_back()
-            .is_some_and(|(_, &end)| sector < end)
-    }
-
-    /// Sectors `lo..hi` are sealed now (or are cut off): no longer a gap.
-    fn close_gaps(&mut self, lo: u64, hi: u64) {
-        let touched: Vec<(u64, u64)> = self
-            .gaps
-            .range(..hi)
-            .rev()
-            .take_while(|&(_, &end)| end > lo)
-            .map(|(&start, &end)| (start, end))
-            .collect();
-        for (start, end) in touched {
-            self.gaps.remove(&start);
-            if start < lo {
-                self.gaps.insert(start, lo);
-            }
-            if end > hi {
-                self.gaps.insert(hi, end);
-            }
-        }
-    }
-
     /// Fill `out` (a whole number of nonces) with fresh random nonces.
     fn take_nonces(&mut self, out: &mut [u8]) -> io::Result<()> {
         let mut at = 0;
@@ -192,6 +166,11 @@ pub struct SectorStore {
     meta: Mutex<Meta>,
     damaged_reads: AtomicU64,
     damaged_sectors: Mutex<BTreeSet<u64>>,
+    /// Physical sectors written since the last `sync_data`. redb reads them
+    /// back at commit (to checksum its dirty pages) and writes them again
+    /// unchanged, so a read of them is cached even when long, for
+    /// [`Self::already_holds`] to find. Lock order: after `live`.
+    recent: Mutex<RangeSet>,
     /// Set by tests that simulate a crash: drop then writes nothing.
     abandoned: AtomicBool,
     /// Bytes written since writeback was last started.
@@ -230,7 +209,7 @@ impl SectorStore {
             extent: h.extent,
             page0_newest: None,
             page0_generation: 0,
-            gaps: BTreeMap::new(),
+            gaps: RangeSet::default(),
             seals: h.seal_reserve,
             reserve: h.seal_reserve,
             nonces: Vec::new(),
@@ -253,6 +232,7 @@ impl SectorStore {
             }),
             damaged_reads: AtomicU64::new(0),
             damaged_sectors: Mutex::new(BTreeSet::new()),
+            recent: Mutex::default(),
             abandoned: AtomicBool::new(false),
             unstarted: AtomicU64::new(0),
             gate: Arc::default(),
@@ -456,7 +436,7 @@ impl SectorStore {
         if page == 0 {
             live.extent > 0
         } else {
-            page + 1 < live.extent && !live.in_gap(page + 1)
+            page + 1 < live.extent && !live.gaps.contains(page + 1)
         }
     }
 
@@ -493,7 +473,8 @@ impl SectorStore {
             if start == 0 {
                 self.load_page0(live, dst)?;
             } else {
-                self.load_run(start, dst)?;
+                let cache = (end - at) <= CACHE_RUN_PAGES || self.written_since_sync(start, dst)?;
+                self.load_run(start, dst, cache)?;
             }
             at = end;
         }
@@ -514,13 +495,23 @@ impl SectorStore {
         Ok(())
     }
 
+    /// Whether pages `first..` (as many as `dst` holds) were all written
+    /// since the last sync.
+    fn written_since_sync(&self, first: u64, dst: &[u8]) -> io::Result<bool> {
+        let count = (dst.len() / SECTOR_SIZE) as u64;
+        let recent = self.recent.lock().map_err(|_| poisoned())?;
+        Ok(recent.covers(first + 1, first + 1 + count))
+    }
+
     /// Read and open the pages `first..` filling `dst`, which are all below
-    /// the extent and not cached. Each sector's ciphertext is read straight
-    /// into its place in `dst` and opened there, so no buffer ever holds
-    /// plaintext but `dst`. Only short runs (redb's btree pages) go into the
-    /// cache: a long one is file data, which the kernel caches above us, and
-    /// caching it would push the metadata out.
-    fn load_run(&self, first: u64, dst: &mut [u8]) -> io::Result<()> {
+    /// the extent and not cached; put them in the cache if `cache`. Each
+    /// sector's ciphertext is read straight into its place in `dst` and
+    /// opened there, so no buffer ever holds plaintext but `dst`. The caller
+    /// caches short runs (redb's btree pages) and what was written since the
+    /// last sync (see [`Self::recent`]), not other long runs: they are file
+    /// data, which the kernel caches above us, and would push the metadata
+    /// out.
+    fn load_run(&self, first: u64, dst: &mut [u8], cache: bool) -> io::Result<()> {
         let count = dst.len() / SECTOR_SIZE;
         let mut frames = vec![[0u8; NONCE_LEN + TAG_LEN]; count];
         self.read_sealed_into(first + 1, dst, &mut frames)?;
@@ -541,7 +532,7 @@ impl SectorStore {
                 self.note_damage(page + 1);
             }
         }
-        if count <= CACHE_RUN_PAGES {
+        if cache {
             let mut cache = self.cache()?;
             for (i, out) in dst.chunks(SECTOR_SIZE).enumerate() {
                 if authentic[i] {
@@ -858,7 +849,11 @@ impl SectorStore {
         }
         drop(cache);
         if last >= 1 {
-            live.close_gaps(first.max(1) + 1, last + 2);
+            live.gaps.remove(first.max(1) + 1, last + 2);
+            self.recent
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert(first.max(1) + 1, last + 2);
         }
         if let Some((start, end)) = deferred {
             live.gaps.insert(start, end);
@@ -870,12 +865,12 @@ impl SectorStore {
     /// Seal zeros into every gap left below the extent, so the extent
     /// about to be recorded covers sealed sectors only.
     fn fill_gaps(&self, live: &mut Live) -> io::Result<()> {
-        while let Some((&start, &end)) = live.gaps.iter().next() {
+        while let Some((start, end)) = live.gaps.first() {
             let stop = end.min(start + GAP_FILL_BATCH);
             let sectors: Vec<(u64, Source)> = (start..stop).map(|s| (s, Source::Zero)).collect();
             self.reserve_seals(live, sectors.len() as u64)?;
             self.seal_and_write(live, &sectors, &[])?;
-            live.close_gaps(start, stop);
+            live.gaps.remove(start, stop);
         }
         Ok(())
     }
@@ -989,7 +984,7 @@ impl SectorStore {
         live.store_len = len;
         live.extent = live.extent.min(sectors_for_len(len));
         let extent = live.extent;
-        live.close_gaps(extent, u64::MAX);
+        live.gaps.remove(extent, u64::MAX);
         if live.extent == 0 {
             live.page0_newest = None;
         }
@@ -1042,13 +1037,22 @@ impl SectorStore {
             let live = self.live_read()?;
             if live.gaps.is_empty() {
                 self.file.sync_data()?;
+                self.forget_recent()?;
                 return self.record_len_and_extent(&live);
             }
         }
         let mut live = self.live_write()?;
         self.fill_gaps(&mut live)?;
         self.file.sync_data()?;
+        self.forget_recent()?;
         self.record_len_and_extent(&live)
+    }
+
+    /// After a sync: what was written is no longer recent. The caller holds
+    /// `live`, so no write comes in between.
+    fn forget_recent(&self) -> io::Result<()> {
+        self.recent.lock().map_err(|_| poisoned())?.clear();
+        Ok(())
     }
 
     /// Sync, then lower the header's seal reserve to the seals actually
@@ -1222,7 +1226,7 @@ impl SectorStore {
             for (i, slot) in buf.chunks_mut(SEALED_SECTOR_SIZE).enumerate() {
                 let sector = first + i as u64;
                 // A gap is not written yet (it reads as zeros): not damage.
-                if !self.open(sector, slot) && !live.in_gap(sector) {
+                if !self.open(sector, slot) && !live.gaps.contains(sector) {
                     damaged.push(sector);
                 }
             }

@@ -962,6 +962,21 @@ fn rewriting_what_a_page_already_holds_leaves_the_file_alone() {
     store.read(10 * 4096, &mut back).unwrap();
     assert_eq!(back, changed);
     assert_eq!(store.damaged_reads(), 0);
+    // Opened again (nothing cached, nothing written since a sync), a long
+    // read is file data, which is not cached (it would push redb's btree
+    // pages out): an identical rewrite then seals anew.
+    store.sync_data().unwrap();
+    drop(store);
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.read(10 * 4096, &mut back).unwrap();
+    assert_eq!(back, changed);
+    let synced = raw_sector(&v.path, 16);
+    store.write(10 * 4096, &changed).unwrap();
+    assert_ne!(
+        raw_sector(&v.path, 16),
+        synced,
+        "a cold long read was cached"
+    );
 }
 
 #[test]
