@@ -171,6 +171,9 @@ pub struct SectorStore {
     /// unchanged, so a read of them is cached even when long, for
     /// [`Self::already_holds`] to find. Lock order: after `live`.
     recent: Mutex<RangeSet>,
+    /// Sectors were written since the last `fdatasync`. A close right after
+    /// redb's own final sync then skips a sync that would change nothing.
+    unsynced: AtomicBool,
     /// Set by tests that simulate a crash: drop then writes nothing.
     abandoned: AtomicBool,
     /// Bytes written since writeback was last started.
@@ -233,6 +236,7 @@ impl SectorStore {
             damaged_reads: AtomicU64::new(0),
             damaged_sectors: Mutex::new(BTreeSet::new()),
             recent: Mutex::default(),
+            unsynced: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             unstarted: AtomicU64::new(0),
             gate: Arc::default(),
@@ -911,6 +915,7 @@ impl SectorStore {
                 buf.zeroize();
                 return Err(e);
             }
+            self.unsynced.store(true, Ordering::Release);
             self.file.write_all_at(&buf, sector_offset(run[0].0))?;
             self.start_writeback(buf.len() as u64);
             at = end;
@@ -1005,7 +1010,7 @@ impl SectorStore {
             return Ok(());
         }
         self.fill_gaps(live)?;
-        self.file.sync_data()?;
+        self.sync_sectors()?;
         self.record_len_and_extent(live)?;
         self.file.set_len(needed)
     }
@@ -1036,16 +1041,27 @@ impl SectorStore {
         {
             let live = self.live_read()?;
             if live.gaps.is_empty() {
-                self.file.sync_data()?;
+                self.sync_sectors()?;
                 self.forget_recent()?;
                 return self.record_len_and_extent(&live);
             }
         }
         let mut live = self.live_write()?;
         self.fill_gaps(&mut live)?;
-        self.file.sync_data()?;
+        self.sync_sectors()?;
         self.forget_recent()?;
         self.record_len_and_extent(&live)
+    }
+
+    /// `fdatasync`, unless no sector was written since the last one. The
+    /// caller holds `live`, so no write comes in between.
+    fn sync_sectors(&self) -> io::Result<()> {
+        if self.unsynced.swap(false, Ordering::AcqRel) {
+            self.file
+                .sync_data()
+                .inspect_err(|_| self.unsynced.store(true, Ordering::Release))?;
+        }
+        Ok(())
     }
 
     /// After a sync: what was written is no longer recent. The caller holds
