@@ -148,8 +148,10 @@ impl Fs {
             a.ctime = now;
             tx.put_attr(&a)?;
             fs.pending_bytes += (last - first + 1) * CHUNK_PAGE;
+            fs.written_since_commit += data.len() as u64;
             Ok(data.len())
         })
+        .and_then(|n| self.commit_if_large().map(|()| n))
     }
 
     /// Writes the part of `data` (which starts at file offset `offset`) that falls in chunk

@@ -170,6 +170,10 @@ const SPACE_MARGIN: u64 = 2 << 20;
 const HOST_MARGIN: u64 = 64 << 20;
 /// Space estimate of the store's own structures.
 const BASE_BYTES: u64 = 256 << 10;
+/// File data written after which a write commits (see [`Fs::commit_if_large`]): a quarter of
+/// redb's cache ([`store::CACHE_BYTES`]), whose write buffer is half of it and also holds the
+/// btree pages.
+const COMMIT_BYTES: u64 = store::CACHE_BYTES as u64 / 4;
 
 /// The filesystem. Not thread-safe by itself: the FUSE layer puts it behind one mutex.
 pub struct Fs {
@@ -190,6 +194,8 @@ pub struct Fs {
     pending_bytes: u64,
     /// The same for the last commit, whose old pages are reused only a commit later.
     previous_bytes: u64,
+    /// File data written into the open transaction.
+    written_since_commit: u64,
     /// Store length at which growth was refused: the real ceiling of a fixed-size vault.
     ceiling: Option<u64>,
     open_files: HashMap<u64, u32>,
@@ -225,6 +231,7 @@ impl Fs {
             dirty_since: None,
             pending_bytes: 0,
             previous_bytes: 0,
+            written_since_commit: 0,
             ceiling: None,
             open_files: HashMap::new(),
             dirs: HashMap::new(),
@@ -350,6 +357,7 @@ impl Fs {
             Ok(Ok(())) if !damage => {
                 self.dirty_since = None;
                 self.previous_bytes = std::mem::take(&mut self.pending_bytes);
+                self.written_since_commit = 0;
                 Ok(())
             }
             Ok(Ok(())) => {
@@ -375,6 +383,17 @@ impl Fs {
         self.set_damaged(&format!("a commit failed: {e}"));
         self.reopen_quietly();
         e
+    }
+
+    /// Commits once the open transaction holds [`COMMIT_BYTES`] of written data, while its dirty pages
+    /// still fit redb's write buffer. Past it, redb spills dirty pages to the store, reads every
+    /// spilled page back at commit (to checksum it: decrypting what was just encrypted) and
+    /// writes it again. Not while a backup holds the vault still.
+    pub(crate) fn commit_if_large(&mut self) -> FsResult<()> {
+        if self.written_since_commit < COMMIT_BYTES || self.backend.storage.holds_commits() {
+            return Ok(());
+        }
+        self.commit()
     }
 
     /// Commits if the open transaction has had changes for at least `age`. A timer calling this
@@ -525,6 +544,7 @@ impl Fs {
         self.ceiling = self.backend.storage.len().ok();
         self.dirty_since = None;
         self.pending_bytes = 0;
+        self.written_since_commit = 0;
         self.reopen_quietly();
     }
 

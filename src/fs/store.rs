@@ -20,9 +20,12 @@ use super::schema::{
     Attr, CHUNKS, DIRENTS, FileKind, INODES, ORPHANS, SUPER, SYMLINKS, Superblock, XATTRS,
 };
 
-/// redb's page cache: small, because it is ordinary memory (the store below caches plaintext in
-/// locked memory) and because a larger one only duplicates that cache.
-pub(crate) const CACHE_BYTES: usize = 4 << 20;
+/// redb's page cache and write buffer (half of it at most). Sized for the write buffer: a
+/// transaction whose dirty pages outgrow it spills them to the store and, at commit, reads every
+/// spilled page back and writes it again, so large writes commit every quarter of this (see
+/// `Fs::commit_if_large`). Plaintext, like the store's own cache: the mount daemon's memory is
+/// locked, and both caches are bounded and freed (wiped) when the vault locks.
+pub(crate) const CACHE_BYTES: usize = 64 << 20;
 
 pub(crate) enum Db {
     W(Database),

@@ -495,6 +495,28 @@ fn commit_timer_policy() {
     assert!(!fs.is_dirty());
 }
 
+#[test]
+fn a_large_write_commits_once_it_would_outgrow_the_write_buffer() {
+    let (mut t, mut fs) = T::new();
+    let ino = mkfile(&mut fs, ROOT_INO, "big", b"");
+    let block = pattern(7, 1 << 20);
+    for i in 0..COMMIT_BYTES / (1 << 20) - 1 {
+        fs.write(ino, i << 20, &block).unwrap();
+    }
+    assert!(fs.is_dirty(), "committed before {COMMIT_BYTES} bytes");
+    fs.write(ino, COMMIT_BYTES - (1 << 20), &block).unwrap();
+    assert!(!fs.is_dirty(), "no commit after {COMMIT_BYTES} bytes");
+    // Committed means durable: a crash now (no close) keeps all of it.
+    drop(fs);
+    let mut fs = t.reopen(true);
+    let end = COMMIT_BYTES - 1;
+    assert_eq!(fs.getattr(ino).unwrap().size, COMMIT_BYTES);
+    assert_eq!(
+        &fs.read(ino, end - 9, 10).unwrap()[..],
+        &block[(1 << 20) - 10..]
+    );
+}
+
 /// Where `needle` sits in the container file.
 fn find(path: &std::path::Path, needle: &[u8]) -> u64 {
     let hay = std::fs::read(path).unwrap();
