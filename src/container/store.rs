@@ -54,6 +54,10 @@ const CACHE_RUN_PAGES: usize = 4;
 /// `sync_data` promises anything.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
+/// How far ahead of a sequential read the kernel is asked to read the
+/// container (4 MiB of sectors).
+const READ_AHEAD_SECTORS: u64 = 1024;
+
 /// Gap sectors sealed as zeros per batch when `sync_data` fills the gaps
 /// (bounds the list of sectors a batch builds).
 const GAP_FILL_BATCH: u64 = 4096;
@@ -178,6 +182,10 @@ pub struct SectorStore {
     abandoned: AtomicBool,
     /// Bytes written since writeback was last started.
     unstarted: AtomicU64,
+    /// Where the last read of sectors ended, and up to where the kernel was
+    /// asked to read ahead (physical sectors): see [`Self::read_ahead`].
+    read_end: AtomicU64,
+    read_ahead_to: AtomicU64,
     /// Every change to the file passes here, so a backup can hold it still.
     gate: Arc<FreezeGate>,
     #[cfg(test)]
@@ -239,6 +247,8 @@ impl SectorStore {
             unsynced: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             unstarted: AtomicU64::new(0),
+            read_end: AtomicU64::new(0),
+            read_ahead_to: AtomicU64::new(0),
             gate: Arc::default(),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
@@ -547,6 +557,41 @@ impl SectorStore {
         Ok(())
     }
 
+    /// On a sequential read (this one starts where the last ended), ask the
+    /// kernel to read the next [`READ_AHEAD_SECTORS`] of the container in the
+    /// background, once the window already asked for is half used. The
+    /// kernel's own readahead of the container stays at 128 KiB here, so
+    /// without this a long read waits for the disk every few requests, with
+    /// the filesystem's lock held.
+    fn read_ahead(&self, first: u64, count: u64) {
+        use std::os::fd::AsRawFd;
+        let end = first + count;
+        let sequential = self.read_end.swap(end, Ordering::AcqRel) == first;
+        let ahead = self.read_ahead_to.load(Ordering::Acquire);
+        if !sequential || ahead >= end + READ_AHEAD_SECTORS / 2 {
+            return;
+        }
+        let from = ahead.max(end);
+        let to = end + READ_AHEAD_SECTORS;
+        self.read_ahead_to.store(to, Ordering::Release);
+        let (Ok(offset), Ok(len)) = (
+            libc::off_t::try_from(sector_offset(from)),
+            libc::off_t::try_from((to - from) * SEALED_SECTOR_SIZE as u64),
+        ) else {
+            return;
+        };
+        // SAFETY: a valid fd owned by `self.file`; no memory is passed. Advice
+        // only: its failure changes nothing.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     /// Read physical sectors `first..` with one `preadv`: each one's
     /// ciphertext into its 4096 bytes of `dst`, its nonce and tag into
     /// `frames`. A short read (the file ends early) falls back to
@@ -571,6 +616,7 @@ impl SectorStore {
         }
         let want = count * SEALED_SECTOR_SIZE;
         let offset = libc::off_t::try_from(sector_offset(first)).map_err(io::Error::other)?;
+        self.read_ahead(first, count as u64);
         let n = loop {
             // SAFETY: every iovec points into `dst` or `frames`, which are
             // borrowed mutably for this call and outlive it; the count is the
