@@ -357,8 +357,14 @@ impl SectorStore {
     fn open(&self, sector: u64, slot: &mut [u8]) -> bool {
         let (head, rest) = slot.split_at_mut(NONCE_LEN);
         let (body, tag) = rest.split_at_mut(SECTOR_SIZE);
-        let nonce: [u8; NONCE_LEN] = (&*head).try_into().expect("nonce length");
-        let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("tag length");
+        self.open_parts(sector, head, body, tag)
+    }
+
+    /// Open sector `sector` whose nonce, ciphertext and tag lie apart; on
+    /// success `body` is the plaintext.
+    fn open_parts(&self, sector: u64, nonce: &[u8], body: &mut [u8], tag: &[u8]) -> bool {
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("nonce length");
+        let tag: [u8; TAG_LEN] = tag.try_into().expect("tag length");
         self.cipher
             .open_in_place(&nonce, &self.aad(sector), body, &tag)
             .is_ok()
@@ -487,7 +493,8 @@ impl SectorStore {
             if start == 0 {
                 self.load_page0(live, dst)?;
             } else {
-                let cache = (end - at) <= CACHE_RUN_PAGES || self.written_since_sync(start, dst)?;
+                let cache = (end - at) <= CACHE_RUN_PAGES
+                    || self.written_since_sync(start, (end - at) as u64)?;
                 self.load_run(start, dst, cache)?;
             }
             at = end;
@@ -509,10 +516,9 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Whether pages `first..` (as many as `dst` holds) were all written
-    /// since the last sync.
-    fn written_since_sync(&self, first: u64, dst: &[u8]) -> io::Result<bool> {
-        let count = (dst.len() / SECTOR_SIZE) as u64;
+    /// Whether pages `first..first + count` were all written since the last
+    /// sync.
+    fn written_since_sync(&self, first: u64, count: u64) -> io::Result<bool> {
         let recent = self.recent.lock().map_err(|_| poisoned())?;
         Ok(recent.covers(first + 1, first + 1 + count))
     }
@@ -533,13 +539,7 @@ impl SectorStore {
         for (i, (out, frame)) in dst.chunks_mut(SECTOR_SIZE).zip(&frames).enumerate() {
             let page = first + i as u64;
             let (nonce, tag) = frame.split_at(NONCE_LEN);
-            let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("nonce length");
-            let tag: [u8; TAG_LEN] = tag.try_into().expect("tag length");
-            if self
-                .cipher
-                .open_in_place(&nonce, &self.aad(page + 1), out, &tag)
-                .is_ok()
-            {
+            if self.open_parts(page + 1, nonce, out, tag) {
                 authentic[i] = true;
             } else {
                 out.fill(0);
@@ -1088,31 +1088,24 @@ impl SectorStore {
             let live = self.live_read()?;
             if live.gaps.is_empty() {
                 self.sync_sectors()?;
-                self.forget_recent()?;
                 return self.record_len_and_extent(&live);
             }
         }
         let mut live = self.live_write()?;
         self.fill_gaps(&mut live)?;
         self.sync_sectors()?;
-        self.forget_recent()?;
         self.record_len_and_extent(&live)
     }
 
-    /// `fdatasync`, unless no sector was written since the last one. The
-    /// caller holds `live`, so no write comes in between.
+    /// `fdatasync`, unless no sector was written since the last one; then
+    /// nothing written is recent any more. The caller holds `live`, so no
+    /// write comes in between.
     fn sync_sectors(&self) -> io::Result<()> {
         if self.unsynced.swap(false, Ordering::AcqRel) {
             self.file
                 .sync_data()
                 .inspect_err(|_| self.unsynced.store(true, Ordering::Release))?;
         }
-        Ok(())
-    }
-
-    /// After a sync: what was written is no longer recent. The caller holds
-    /// `live`, so no write comes in between.
-    fn forget_recent(&self) -> io::Result<()> {
         self.recent.lock().map_err(|_| poisoned())?.clear();
         Ok(())
     }

@@ -175,39 +175,37 @@ pub fn process_alive(pid: u32) -> bool {
 /// the next tick of a poll. Falls back to polling every 20 ms without pidfds.
 pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
     let start = Instant::now();
-    let Ok(raw) = libc::pid_t::try_from(pid) else {
-        return true;
-    };
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-    if let Ok(fd) = i32::try_from(fd)
-        && fd >= 0
-    {
-        // SAFETY: `fd` was just returned to us and is closed by the OwnedFd only.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        while process_alive(pid) {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return false;
-            }
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-            // SAFETY: one valid pollfd. EINTR just loops.
-            unsafe { libc::poll(&mut p, 1, ms) };
-        }
-        return true;
-    }
+    let pidfd = open_pidfd(pid);
     while process_alive(pid) {
-        if start.elapsed() > timeout {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match &pidfd {
+            Some(fd) => {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+                // SAFETY: one valid pollfd. EINTR just loops.
+                unsafe { libc::poll(&mut p, 1, ms) };
+            }
+            None => std::thread::sleep(left.min(Duration::from_millis(20))),
+        }
     }
     true
+}
+
+/// A descriptor that becomes readable when process `pid` ends (None without
+/// pidfds, or if it is already gone).
+fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let raw = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = i32::try_from(unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) }).ok()?;
+    // SAFETY: `fd` was just returned to us and is closed by the OwnedFd only.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// A process that exited but was not reaped yet (state `Z` in /proc/PID/stat).
