@@ -226,6 +226,13 @@ fn print_header(vault: &std::path::Path, h: &HeaderInfo) {
             None => "grows as needed".to_string(),
         }
     );
+    if h.unsealed_sectors > 0 && h.fixed_size.is_none() {
+        println!(
+            "  unsealed      {} sectors hold zeros, not ciphertext, until the next clean unmount \
+             (the vault is mounted, or its last mount ended without one)",
+            h.unsealed_sectors
+        );
+    }
     println!("  key slots");
     for slot in &h.slots {
         let what = match &slot.kind {

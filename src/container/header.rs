@@ -44,6 +44,9 @@ pub(crate) struct Header {
     /// The reserved tail (random at creation, carried over unchanged; its
     /// first bytes hold the rekey record while `rekeying`).
     pub reserved: Vec<u8>,
+    /// Sectors below the extent never sealed, as sorted disjoint ranges
+    /// `start..end` (FORMAT.md §4.2): they read as zeros. Empty in version 1.
+    pub unsealed: Vec<(u64, u64)>,
     /// A master-key rotation is in progress (FORMAT.md §7).
     pub rekeying: bool,
     /// Bit i: key slot i awaits activation after a rekey (FORMAT.md §7.4).
@@ -109,7 +112,8 @@ impl Header {
         put_u64(&mut b, H_STORE_LEN, self.store_len);
         encode_policy(&self.policy, &mut b[H_POLICY..H_POLICY + POLICY_LEN]);
         b[H_SLOTS..H_RESERVED_TAIL].copy_from_slice(&self.slots);
-        b[H_RESERVED_TAIL..H_MAC].copy_from_slice(&self.reserved);
+        b[H_RESERVED_TAIL..H_UNSEALED].copy_from_slice(&self.reserved);
+        encode_unsealed(&self.unsealed, &mut b[H_UNSEALED..H_MAC]);
         let tag = mac.sign(&mac_input(&b));
         b[H_MAC..H_MAC + MAC_LEN].copy_from_slice(&tag);
         let sum = Sha256::digest(&b[..H_CHECKSUM]);
@@ -126,16 +130,16 @@ impl Header {
             return Err(CopyProblem::Damaged("cut short".into()));
         }
         let version = u16::from_le_bytes([b[H_VERSION], b[H_VERSION + 1]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(CopyProblem::Version(version));
         }
         if Sha256::digest(&b[..H_CHECKSUM]).as_slice() != &b[H_CHECKSUM..HEADER_COPY_SIZE] {
             return Err(CopyProblem::Damaged("checksum mismatch".into()));
         }
-        Self::decode_fields(&b[..HEADER_COPY_SIZE], copy).map_err(CopyProblem::Damaged)
+        Self::decode_fields(&b[..HEADER_COPY_SIZE], copy, version).map_err(CopyProblem::Damaged)
     }
 
-    fn decode_fields(b: &[u8], copy: usize) -> Result<Header, String> {
+    fn decode_fields(b: &[u8], copy: usize, version: u16) -> Result<Header, String> {
         let zero = |r: std::ops::Range<usize>| b[r].iter().all(|&x| x == 0);
         if usize::from(b[H_COPY_INDEX]) != copy {
             return Err(format!("copy index {} at copy {copy}", b[H_COPY_INDEX]));
@@ -160,7 +164,12 @@ impl Header {
             store_len: get_u64(b, H_STORE_LEN),
             policy: decode_policy(&b[H_POLICY..H_POLICY + POLICY_LEN])?,
             slots: b[H_SLOTS..H_RESERVED_TAIL].to_vec(),
-            reserved: b[H_RESERVED_TAIL..H_MAC].to_vec(),
+            reserved: b[H_RESERVED_TAIL..H_UNSEALED].to_vec(),
+            // Version 1 kept random bytes where the list now is.
+            unsealed: match version {
+                1 => Vec::new(),
+                _ => decode_unsealed(&b[H_UNSEALED..H_MAC])?,
+            },
             rekeying: flags & FLAG_REKEY != 0,
             pending: b[H_PENDING_SLOTS],
         };
@@ -199,8 +208,45 @@ impl Header {
         if self.seal_reserve > SEAL_LIMIT {
             return Err(format!("seal reserve {} out of range", self.seal_reserve));
         }
+        // Sorted, disjoint, below the extent; never page 0's shadow pair.
+        let mut floor = 2;
+        for &(start, end) in &self.unsealed {
+            if start < floor || end <= start || end > self.extent {
+                return Err(format!(
+                    "unsealed range {start}..{end} out of order or beyond the extent {}",
+                    self.extent
+                ));
+            }
+            floor = end;
+        }
         Ok(())
     }
+}
+
+fn encode_unsealed(ranges: &[(u64, u64)], b: &mut [u8]) {
+    assert!(
+        ranges.len() <= MAX_UNSEALED_RANGES,
+        "the store keeps at most {MAX_UNSEALED_RANGES} unsealed ranges"
+    );
+    b.fill(0);
+    put_u32(b, 0, ranges.len() as u32);
+    for (i, &(start, end)) in ranges.iter().enumerate() {
+        put_u64(b, 8 + 16 * i, start);
+        put_u64(b, 16 + 16 * i, end);
+    }
+}
+
+fn decode_unsealed(b: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    let count = get_u32(b, 0) as usize;
+    if count > MAX_UNSEALED_RANGES || get_u32(b, 4) != 0 {
+        return Err(format!("unsealed-range count {count} out of range"));
+    }
+    if b[8 + 16 * count..].iter().any(|&x| x != 0) {
+        return Err("non-zero bytes after the unsealed ranges".into());
+    }
+    Ok((0..count)
+        .map(|i| (get_u64(b, 8 + 16 * i), get_u64(b, 16 + 16 * i)))
+        .collect())
 }
 
 /// The bytes the MAC covers: 0..H_MAC, with the copy index byte as 0, so the
@@ -390,7 +436,7 @@ mod tests {
         for _ in 0..SLOT_COUNT {
             slots.extend(slot::empty().unwrap());
         }
-        let mut reserved = vec![0u8; H_MAC - H_RESERVED_TAIL];
+        let mut reserved = vec![0u8; H_UNSEALED - H_RESERVED_TAIL];
         fill_random(&mut reserved).unwrap();
         Header {
             generation: 9,
@@ -407,6 +453,7 @@ mod tests {
             },
             slots,
             reserved,
+            unsealed: vec![(2, 3)],
             rekeying: false,
             pending: 0,
         }
@@ -503,11 +550,65 @@ mod tests {
             Choice::NotAContainer
         ));
         let mut future = h.encode(0, &mac);
-        future[H_VERSION] = 2;
+        future[H_VERSION] = 3;
         assert!(matches!(
             Copies::parse(&future).choose(),
-            Choice::UnsupportedVersion(2)
+            Choice::UnsupportedVersion(3)
         ));
+    }
+
+    /// `h` encoded, then changed by `edit` with the checksum fixed up.
+    fn edited(h: &Header, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let mut raw = h.encode(0, &mac());
+        edit(&mut raw);
+        let sum = Sha256::digest(&raw[..H_CHECKSUM]);
+        raw[H_CHECKSUM..].copy_from_slice(&sum);
+        raw
+    }
+
+    #[test]
+    fn a_version_1_copy_reads_with_no_unsealed_ranges() {
+        // Version 1 kept random bytes where the list now is.
+        let v2 = sample();
+        let raw = edited(&v2, |b| {
+            b[H_VERSION] = 1;
+            b[H_UNSEALED..H_MAC].fill(0xa5);
+        });
+        let v1 = Header::decode(&raw, 0).unwrap();
+        assert!(v1.unsealed.is_empty());
+        assert!(v1.reserved == v2.reserved);
+    }
+
+    #[test]
+    fn unsealed_ranges_out_of_order_or_beyond_the_extent_are_damage() {
+        let mut h = sample(); // extent 5
+        h.unsealed = vec![(2, 3), (4, 5)];
+        assert_eq!(
+            Header::decode(&h.encode(0, &mac()), 0).unwrap().unsealed,
+            h.unsealed
+        );
+        for bad in [
+            vec![(2, 6)],         // beyond the extent
+            vec![(1, 2)],         // page 0's shadow pair
+            vec![(3, 3)],         // empty
+            vec![(4, 5), (2, 3)], // out of order
+            vec![(2, 4), (3, 5)], // overlapping
+        ] {
+            h.unsealed = bad.clone();
+            let problem = Header::decode(&h.encode(0, &mac()), 0).unwrap_err();
+            assert!(matches!(problem, CopyProblem::Damaged(_)), "{bad:?}");
+        }
+        for edit in [
+            |b: &mut [u8]| b[H_UNSEALED] = 65,     // count over the limit
+            |b: &mut [u8]| b[H_UNSEALED + 4] = 1,  // reserved u32
+            |b: &mut [u8]| b[H_UNSEALED + 30] = 1, // past the last range
+        ] {
+            let raw = edited(&sample(), edit);
+            assert!(matches!(
+                Header::decode(&raw, 0),
+                Err(CopyProblem::Damaged(_))
+            ));
+        }
     }
 
     #[test]

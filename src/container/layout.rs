@@ -28,8 +28,12 @@ pub const DATA_OFFSET: u64 = 65536;
 /// "KEYBOUND": what `file(1)` and `keybound info` recognise.
 pub const MAGIC: &[u8; 8] = b"KEYBOUND";
 
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes. Version 1 (no unsealed ranges)
+/// is read too: it is version 2 with an empty list.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE_VERSION: u16 = 1;
 
 // -------------------------------------------------------------- header ----
 
@@ -52,9 +56,15 @@ pub const H_STORE_LEN: usize = 88; // u64: redb's logical length
 pub const H_POLICY: usize = 96; // 32 bytes, see P_*
 pub const H_SLOTS: usize = 128; // SLOT_COUNT × SLOT_SIZE
 pub const H_RESERVED_TAIL: usize = H_SLOTS + SLOT_COUNT * SLOT_SIZE; // 8320, random
+pub const H_UNSEALED: usize = H_MAC - UNSEALED_LEN; // 15256: the unsealed ranges (version 2)
 pub const H_MAC: usize = 16288; // 32: HMAC-SHA256 of 0..16288 (copy index byte as 0)
 pub const H_RESERVED_3: std::ops::Range<usize> = 16320..16352; // zero
 pub const H_CHECKSUM: usize = 16352; // 32: SHA-256 of 0..16352
+
+/// The unsealed-ranges list (FORMAT.md §4.2): u32 count, u32 zero, then
+/// `MAX_UNSEALED_RANGES` pairs of u64 (start, end), unused pairs zero.
+pub const MAX_UNSEALED_RANGES: usize = 64;
+pub const UNSEALED_LEN: usize = 8 + MAX_UNSEALED_RANGES * 16; // 1032
 
 /// Header flag bit 0: the container was preallocated and never grows.
 pub const FLAG_FIXED_SIZE: u32 = 1;

@@ -111,8 +111,11 @@ pub struct HeaderInfo {
     pub fixed_size: Option<u64>,
     /// redb's logical length.
     pub store_len: u64,
-    /// Sectors sealed at least once.
+    /// Sectors sealed at least once, but for `unsealed_sectors`.
     pub extent_sectors: u64,
+    /// Sectors below the extent not sealed yet (they read as zeros): left by
+    /// a mount that has not been unmounted cleanly (FORMAT.md §4.2).
+    pub unsealed_sectors: u64,
     /// The file's length now.
     pub file_len: u64,
     pub copy_used: HeaderCopy,
@@ -236,7 +239,7 @@ impl Container {
                 slots.extend(slot::empty()?);
             }
         }
-        let mut reserved = vec![0u8; H_MAC - H_RESERVED_TAIL];
+        let mut reserved = vec![0u8; H_UNSEALED - H_RESERVED_TAIL];
         fill_random(&mut reserved)?;
         let mut header = Header {
             generation: 0,
@@ -249,6 +252,7 @@ impl Container {
             policy: Policy::default(),
             slots,
             reserved,
+            unsealed: Vec::new(),
             rekeying: false,
             pending: 0,
         };
@@ -587,6 +591,7 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
             .then(|| file_len_for_sectors(header.capacity)),
         store_len: header.store_len,
         extent_sectors: header.extent,
+        unsealed_sectors: header.unsealed.iter().map(|(s, e)| e - s).sum(),
         file_len,
         copy_used: if used == 0 {
             HeaderCopy::A

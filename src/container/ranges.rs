@@ -10,6 +10,16 @@ pub(crate) struct RangeSet {
     ranges: BTreeMap<u64, u64>,
 }
 
+impl FromIterator<(u64, u64)> for RangeSet {
+    fn from_iter<I: IntoIterator<Item = (u64, u64)>>(ranges: I) -> Self {
+        let mut set = RangeSet::default();
+        for (lo, hi) in ranges {
+            set.insert(lo, hi);
+        }
+        set
+    }
+}
+
 impl RangeSet {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
@@ -17,6 +27,24 @@ impl RangeSet {
 
     pub fn clear(&mut self) {
         self.ranges.clear();
+    }
+
+    /// The ranges in order.
+    pub fn to_vec(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|(&s, &e)| (s, e)).collect()
+    }
+
+    /// How many disjoint ranges the set holds.
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// The shortest range (the lowest of equals), if any.
+    pub fn shortest(&self) -> Option<(u64, u64)> {
+        self.ranges
+            .iter()
+            .min_by_key(|&(&s, &e)| e - s)
+            .map(|(&s, &e)| (s, e))
     }
 
     /// The lowest range, if any.
@@ -104,6 +132,8 @@ mod tests {
         set.remove(12, 14);
         set.remove(38, 100);
         assert_eq!(members(&set, 50), (5..12).chain(14..38).collect::<Vec<_>>());
+        assert_eq!(set.to_vec(), vec![(5, 12), (14, 38)]);
+        assert_eq!((set.range_count(), set.shortest()), (2, Some((5, 12))));
         set.remove(0, 100);
         assert!(set.is_empty());
         assert!(set.covers(3, 3), "an empty range is covered");

@@ -22,6 +22,7 @@ use zeroize::Zeroize;
 use super::error::{ContainerError, io_err};
 use super::header::{Header, HeaderWriter};
 use super::layout::*;
+use super::ranges::RangeSet;
 use super::slot::{self, get_u64};
 use super::{Access, Container, NewSlot, fill_random, mac_for};
 use crate::crypto::{
@@ -62,6 +63,9 @@ pub struct ReencryptReport {
     /// Sectors that open under neither key (damaged before the rotation, as
     /// reads of them reported): left as they are.
     pub damaged: Vec<u64>,
+    /// Sectors the header lists as never sealed (FORMAT.md §4.2): nothing
+    /// to re-encrypt, left as they are.
+    pub unsealed: u64,
 }
 
 /// How each key slot is carried over to the new master key by
@@ -313,6 +317,7 @@ enum Outcome {
     AlreadyNew,
     FromJournal,
     Damaged,
+    Unsealed,
 }
 
 /// The rotation `h` records, if any.
@@ -467,6 +472,7 @@ impl Container {
         let old_c = EpochCipher::new(old, id, self.header.epoch)?;
         let new_c = EpochCipher::new(new, id, self.header.epoch + 1)?;
         let extent = self.header.extent;
+        let unsealed: RangeSet = self.header.unsealed.iter().copied().collect();
         let journal_at = self.journal_offset();
         let mut header = self.header.clone();
         let mut report = ReencryptReport::default();
@@ -488,7 +494,14 @@ impl Container {
             self.file
                 .read_exact_at(&mut buf, sector_offset(rec.watermark))
                 .map_err(io("read"))?;
-            let outcomes = convert(&old_c, &new_c, rec.watermark, &mut buf, journal.as_deref())?;
+            let outcomes = convert(
+                &old_c,
+                &new_c,
+                &unsealed,
+                rec.watermark,
+                &mut buf,
+                journal.as_deref(),
+            )?;
             tally(&mut report, rec.watermark, &outcomes);
             self.file
                 .write_all_at(&buf, sector_offset(rec.watermark))
@@ -518,7 +531,7 @@ impl Container {
             set_record(&mut header, &rec);
             self.write_and_reload(&mut writer, &mut header, &mac)?;
             // 3. The batch in place, under the new key.
-            let outcomes = convert(&old_c, &new_c, rec.watermark, &mut buf, None)?;
+            let outcomes = convert(&old_c, &new_c, &unsealed, rec.watermark, &mut buf, None)?;
             tally(&mut report, rec.watermark, &outcomes);
             self.file
                 .write_all_at(&buf, at)
@@ -718,6 +731,7 @@ impl Container {
 fn convert(
     old: &EpochCipher,
     new: &EpochCipher,
+    unsealed: &RangeSet,
     first: u64,
     buf: &mut [u8],
     journal: Option<&[u8]>,
@@ -730,7 +744,9 @@ fn convert(
     for (i, sealed) in buf.chunks_mut(SEALED_SECTOR_SIZE).enumerate() {
         let sector = first + i as u64;
         let nonce = &nonces[i * NONCE_LEN..(i + 1) * NONCE_LEN];
-        let outcome = if old.open(sector, sealed, plain.as_mut()) {
+        let outcome = if unsealed.contains(sector) {
+            Outcome::Unsealed
+        } else if old.open(sector, sealed, plain.as_mut()) {
             new.seal(sector, nonce, plain.expose(), sealed)?;
             Outcome::Resealed
         } else if new.open(sector, sealed, plain.as_mut()) {
@@ -762,6 +778,7 @@ fn tally(report: &mut ReencryptReport, first: u64, outcomes: &[Outcome]) {
                 report.from_journal += 1;
             }
             Outcome::Damaged => report.damaged.push(first + i as u64),
+            Outcome::Unsealed => report.unsealed += 1,
         }
     }
 }

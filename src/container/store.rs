@@ -77,14 +77,13 @@ struct Live {
     /// Physical sectors `0..extent` have been sealed at least once, except
     /// those in `gaps`.
     extent: u64,
-    /// Sectors below `extent` never sealed yet, as disjoint ranges
-    /// `start -> end`: the gap a write far beyond the extent leaves (redb
-    /// writes a page near the new end when it doubles the store). They read
-    /// as zeros, like sectors beyond the extent, and `sync_data` seals zeros
-    /// into what data has not overwritten by then, before it records the
-    /// extent: every durable extent covers sealed sectors only (FORMAT.md
-    /// §4.2), while the zeros that data would overwrite a moment later are
-    /// never written. Always empty below the extent in the header.
+    /// Sectors below `extent` never sealed yet, as disjoint ranges: the gap
+    /// a write far beyond the extent leaves (redb writes a page near the new
+    /// end when it doubles the store). They read as zeros, like sectors
+    /// beyond the extent, and `sync_data` records them in the header as the
+    /// unsealed ranges (FORMAT.md §4.2) instead of sealing zeros that data
+    /// mostly overwrites soon after. Idle time ([`SectorStore::seal_unsealed`])
+    /// and a clean close seal zeros into what is left.
     gaps: RangeSet,
     /// The physical sector (0 or 1) holding the newest copy of page 0.
     page0_newest: Option<u64>,
@@ -220,7 +219,7 @@ impl SectorStore {
             extent: h.extent,
             page0_newest: None,
             page0_generation: 0,
-            gaps: RangeSet::default(),
+            gaps: h.unsealed.iter().copied().collect(),
             seals: h.seal_reserve,
             reserve: h.seal_reserve,
             nonces: Vec::new(),
@@ -912,17 +911,60 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Seal zeros into every gap left below the extent, so the extent
-    /// about to be recorded covers sealed sectors only.
-    fn fill_gaps(&self, live: &mut Live) -> io::Result<()> {
-        while let Some((start, end)) = live.gaps.first() {
-            let stop = end.min(start + GAP_FILL_BATCH);
-            let sectors: Vec<(u64, Source)> = (start..stop).map(|s| (s, Source::Zero)).collect();
-            self.reserve_seals(live, sectors.len() as u64)?;
-            self.seal_and_write(live, &sectors, &[])?;
-            live.gaps.remove(start, stop);
+    /// Seal zeros into up to `max` gap sectors, lowest first.
+    fn fill_gaps(&self, live: &mut Live, mut max: u64) -> io::Result<()> {
+        while let Some((start, end)) = live.gaps.first()
+            && max > 0
+        {
+            let stop = end.min(start + GAP_FILL_BATCH.min(max));
+            self.fill_range(live, start, stop)?;
+            max -= stop - start;
         }
         Ok(())
+    }
+
+    /// Seal zeros into the shortest gaps until the rest fit the header's
+    /// list of unsealed ranges.
+    fn fill_excess_gaps(&self, live: &mut Live) -> io::Result<()> {
+        while live.gaps.range_count() > MAX_UNSEALED_RANGES {
+            let (start, end) = live.gaps.shortest().expect("more than none");
+            for at in (start..end).step_by(GAP_FILL_BATCH as usize) {
+                self.fill_range(live, at, end.min(at + GAP_FILL_BATCH))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_range(&self, live: &mut Live, start: u64, stop: u64) -> io::Result<()> {
+        let sectors: Vec<(u64, Source)> = (start..stop).map(|s| (s, Source::Zero)).collect();
+        self.reserve_seals(live, sectors.len() as u64)?;
+        self.seal_and_write(live, &sectors, &[])?;
+        live.gaps.remove(start, stop);
+        Ok(())
+    }
+
+    /// Seal zeros into up to `max` sectors the header lists as unsealed, and
+    /// once none is left, sync so that the header's list is empty too.
+    /// Returns whether any remain. For a mount's idle time: a clean close
+    /// seals what is left all at once. A fixed-size container skips it (its
+    /// unsealed sectors hold the random fill, which already looks like the
+    /// rest), and so does a store held still by a backup.
+    pub fn seal_unsealed(&self, max: u64) -> io::Result<bool> {
+        if self.read_only || self.capacity.is_some() || self.gate.is_frozen() {
+            return Ok(false);
+        }
+        let _change = self.gate.change();
+        let mut live = self.live_write()?;
+        if live.gaps.is_empty() {
+            return Ok(false);
+        }
+        self.fill_gaps(&mut live, max)?;
+        if !live.gaps.is_empty() {
+            return Ok(true);
+        }
+        self.sync_sectors()?;
+        self.record_len_and_extent(&live)?;
+        Ok(false)
     }
 
     /// Seal `sectors` (sorted) and write each run of consecutive ones with
@@ -1055,44 +1097,53 @@ impl SectorStore {
         if self.file.metadata()?.len() <= needed {
             return Ok(());
         }
-        self.fill_gaps(live)?;
+        self.fill_excess_gaps(live)?;
         self.sync_sectors()?;
         self.record_len_and_extent(live)?;
         self.file.set_len(needed)
     }
 
-    /// Write the live length and extent into the header if they changed.
-    /// The caller has made the sectors below the extent durable.
+    /// Write the live length, extent and unsealed ranges into the header if
+    /// they changed. The caller has made the sectors below the extent that
+    /// are not in a gap durable, and left at most `MAX_UNSEALED_RANGES` gaps.
     fn record_len_and_extent(&self, live: &Live) -> io::Result<()> {
         let mut meta = self.meta()?;
-        let old = (meta.header.store_len, meta.header.extent);
-        if old == (live.store_len, live.extent) {
+        let unsealed = live.gaps.to_vec();
+        let h = &meta.header;
+        if (h.store_len, h.extent, &h.unsealed) == (live.store_len, live.extent, &unsealed) {
             return Ok(());
         }
+        let old = (h.store_len, h.extent, h.unsealed.clone());
         meta.header.store_len = live.store_len;
         meta.header.extent = live.extent;
+        meta.header.unsealed = unsealed;
         meta.write(&self.file).inspect_err(|_| {
-            (meta.header.store_len, meta.header.extent) = old;
+            (
+                meta.header.store_len,
+                meta.header.extent,
+                meta.header.unsealed,
+            ) = old;
         })
     }
 
-    /// Fill the gaps, fdatasync the sectors, then record the length and
-    /// extent that cover them. redb calls this before it writes a commit's
-    /// header, so a durable commit never references a page beyond the
-    /// durable extent. Without gaps to fill, reads go on meanwhile.
+    /// Fdatasync the sectors, then record the length, extent and gaps that
+    /// describe them. redb calls this before it writes a commit's header, so
+    /// a durable commit never references a page beyond the durable extent or
+    /// in a gap the header still lists. Unless there are more gaps than the
+    /// header can list, reads go on meanwhile.
     fn sync_impl(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
         {
             let live = self.live_read()?;
-            if live.gaps.is_empty() {
+            if live.gaps.range_count() <= MAX_UNSEALED_RANGES {
                 self.sync_sectors()?;
                 return self.record_len_and_extent(&live);
             }
         }
         let mut live = self.live_write()?;
-        self.fill_gaps(&mut live)?;
+        self.fill_excess_gaps(&mut live)?;
         self.sync_sectors()?;
         self.record_len_and_extent(&live)
     }
@@ -1116,6 +1167,12 @@ impl SectorStore {
     fn close_impl(&self) -> io::Result<()> {
         if self.read_only || self.abandoned.load(Ordering::Acquire) {
             return Ok(());
+        }
+        // At rest a growing container has no unsealed sectors: they would be
+        // holes of zeros among random-looking bytes.
+        if self.capacity.is_none() {
+            let mut live = self.live_write()?;
+            self.fill_gaps(&mut live, u64::MAX)?;
         }
         self.sync_impl()?;
         let mut live = self.live_write()?;

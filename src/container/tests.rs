@@ -356,12 +356,12 @@ fn not_a_container_and_future_versions_are_refused() {
 
     let v = create_vault(None);
     for copy in [0, 1] {
-        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 1 ^ 2);
+        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 2 ^ 3);
         fix_checksum(&v.path, copy);
     }
     let err = Container::inspect(&v.path).unwrap_err();
     assert!(
-        matches!(err, ContainerError::UnsupportedVersion { version: 2, .. }),
+        matches!(err, ContainerError::UnsupportedVersion { version: 3, .. }),
         "{err}"
     );
 }
@@ -457,7 +457,7 @@ fn header_info_serializes_without_secrets() {
     assert!(json.contains("\"type\":\"token\""), "{json}");
     assert!(json.contains("\"serial\":31337"), "{json}");
     assert_eq!(info.slots.len(), 1);
-    assert_eq!(info.version, 1);
+    assert_eq!(info.version, FORMAT_VERSION);
     assert_eq!(info.fixed_size, None);
     assert_eq!(info.copy_used, HeaderCopy::B);
 }
@@ -903,38 +903,111 @@ fn raw_sector(path: &Path, sector: u64) -> Vec<u8> {
     buf
 }
 
-#[test]
-fn a_gap_below_a_far_write_reads_zeros_and_is_sealed_by_the_next_sync() {
-    let v = create_vault(None);
+/// Writes for `a_gap_…`: page 1, a sync, then pages 1999 and 1500 far
+/// beyond the extent (as redb's first pages after doubling the store).
+fn write_far_beyond_the_extent(store: &SectorStore) {
     let page = |k: u64| k * 4096;
+    store.set_len(page(4)).unwrap();
+    store.write(page(1), &[1u8; 4096]).unwrap();
+    store.sync_data().unwrap();
+    store.set_len(page(2000)).unwrap();
+    store.write(page(1999), &[2u8; 4096]).unwrap();
+    store.write(page(1500), &[3u8; 4096]).unwrap();
+}
+
+/// What the pages of `write_far_beyond_the_extent` read, and no damage.
+fn assert_far_pages_read_back(store: &SectorStore) {
+    for (k, want) in [(1, 1u8), (2, 0), (1000, 0), (1500, 3), (1998, 0), (1999, 2)] {
+        let mut out = vec![9u8; 4096];
+        store.read(k * 4096, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == want), "page {k}");
+    }
+    assert_eq!(store.damaged_reads(), 0);
+}
+
+#[test]
+fn a_gap_below_a_far_write_is_recorded_by_a_sync_and_survives_a_crash() {
+    let v = create_vault(None);
     {
         let store = unlock(&v.path, Access::ReadWrite);
-        store.set_len(page(4)).unwrap();
-        store.write(page(1), &[1u8; 4096]).unwrap();
+        write_far_beyond_the_extent(&store);
+        assert_far_pages_read_back(&store);
         store.sync_data().unwrap();
-        // Far beyond the extent (as redb's first page after doubling the store).
-        store.set_len(page(2000)).unwrap();
-        store.write(page(1999), &[2u8; 4096]).unwrap();
-        store.write(page(1500), &[3u8; 4096]).unwrap();
-        let mut out = vec![9u8; 4096];
-        store.read(page(1000), &mut out).unwrap();
-        assert!(out.iter().all(|&b| b == 0));
-        // The gap is not written before the sync (physical sector = page + 1)...
+        // The sync seals no zeros into the gap (physical sector = page + 1):
+        // the header lists it instead.
         assert!(raw_sector(&v.path, 1001).iter().all(|&b| b == 0));
-        store.sync_data().unwrap();
-        // ...and sealed by it, so the recorded extent covers sealed sectors only.
-        assert!(raw_sector(&v.path, 1001).iter().any(|&b| b != 0));
-        assert_eq!(store.damaged_reads(), 0);
+        let info = Container::inspect(&v.path).unwrap();
+        assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 1996));
+        store.abandon(); // a crash: no clean close
     }
-    assert_eq!(Container::inspect(&v.path).unwrap().extent_sectors, 2001);
     let store = unlock(&v.path, Access::ReadOnly);
     let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
     assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
-    for (k, want) in [(1, 1u8), (2, 0), (1000, 0), (1500, 3), (1998, 0), (1999, 2)] {
-        let mut out = vec![9u8; 4096];
-        store.read(page(k), &mut out).unwrap();
-        assert!(out.iter().all(|&b| b == want), "page {k}");
+    assert_far_pages_read_back(&store);
+}
+
+#[test]
+fn a_clean_close_seals_every_gap_and_the_header_lists_none() {
+    let v = create_vault(None);
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        write_far_beyond_the_extent(&store);
+        store.sync_data().unwrap();
     }
+    assert!(raw_sector(&v.path, 1001).iter().any(|&b| b != 0));
+    let info = Container::inspect(&v.path).unwrap();
+    assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 0));
+    let store = unlock(&v.path, Access::ReadOnly);
+    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
+    assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
+    assert_far_pages_read_back(&store);
+}
+
+#[test]
+fn idle_sealing_fills_the_gaps_step_by_step_then_empties_the_list() {
+    let v = create_vault(None);
+    let store = unlock(&v.path, Access::ReadWrite);
+    write_far_beyond_the_extent(&store);
+    store.sync_data().unwrap();
+    // Gaps 3..1501 and 1502..2000 (1,996 sectors), the lowest first.
+    assert!(store.seal_unsealed(1000).unwrap(), "996 sectors are left");
+    assert!(raw_sector(&v.path, 1002).iter().any(|&b| b != 0));
+    assert!(raw_sector(&v.path, 1003).iter().all(|&b| b == 0));
+    let listed = Container::inspect(&v.path).unwrap().unsealed_sectors;
+    assert_eq!(listed, 1996, "the header changes with the next sync");
+    assert!(!store.seal_unsealed(1000).unwrap());
+    assert_eq!(Container::inspect(&v.path).unwrap().unsealed_sectors, 0);
+    assert!(!store.seal_unsealed(1000).unwrap(), "nothing left to do");
+    assert_far_pages_read_back(&store);
+}
+
+#[test]
+fn more_gaps_than_the_header_lists_seal_the_shortest() {
+    let v = create_vault(None);
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        store.set_len(4 * 4096).unwrap();
+        store.write(4096, &[1u8; 4096]).unwrap();
+        store.sync_data().unwrap();
+        // 70 gaps: each write lands 3 pages beyond the last, one gap 100 long.
+        let mut page = 1;
+        store.set_len(1000 * 4096).unwrap();
+        for i in 0..70 {
+            page += if i == 35 { 101 } else { 4 };
+            store.write(page * 4096, &[7u8; 4096]).unwrap();
+        }
+        store.sync_data().unwrap();
+        let info = Container::inspect(&v.path).unwrap();
+        // 64 listed (the long one among them), 6 short ones sealed.
+        assert_eq!(info.unsealed_sectors, 63 * 3 + 100);
+        store.abandon();
+    }
+    let store = unlock(&v.path, Access::ReadOnly);
+    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
+    assert!(scan.damaged.is_empty());
+    let mut out = vec![9u8; 4096];
+    store.read(3 * 4096, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0));
     assert_eq!(store.damaged_reads(), 0);
 }
 

@@ -72,6 +72,11 @@ pub trait Storage: redb::StorageBackend {
     fn holds_commits(&self) -> bool {
         false
     }
+    /// Do up to `max_sectors` of the storage's deferred work for idle time (the encrypted store
+    /// seals zeros into sectors it left unsealed); returns whether any is left.
+    fn work_while_idle(&self, _max_sectors: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Who asks: the uid and gid new inodes get.
@@ -329,6 +334,12 @@ impl Fs {
     /// Whether there are changes not yet committed.
     pub fn is_dirty(&self) -> bool {
         self.dirty_since.is_some()
+    }
+
+    /// The storage, for its idle-time work ([`Storage::work_while_idle`]), which runs without
+    /// the filesystem held.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.backend.storage.clone()
     }
 
     /// Commits the open transaction durably, if it changed anything.

@@ -27,6 +27,12 @@ use adapter::{Adapter, KnownInodes, OnClose, SharedFs, lock};
 pub const COMMIT_TICK: Duration = Duration::from_millis(250);
 /// Changes this old are committed at the next tick.
 pub const COMMIT_AGE: Duration = Duration::from_millis(750);
+/// After this long without a request, with everything committed, the timer thread lets the
+/// storage do its idle-time work ([`crate::fs::Storage::work_while_idle`]).
+const IDLE_WORK_AFTER: Duration = Duration::from_millis(500);
+/// Sectors per step of idle-time work (4 MiB): a request that comes in meanwhile waits for
+/// about that long (~10 ms here).
+const IDLE_WORK_STEP: u64 = 1024;
 
 /// How to mount.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,7 +178,7 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
     let connection = connection_id(mountpoint);
     Ok(MountHandle {
         session: Some(session),
-        timer: Some(start_timer(shared.clone())),
+        timer: Some(start_timer(shared.clone(), activity.clone())),
         fs: shared,
         closed,
         on_close,
@@ -229,30 +235,52 @@ pub(crate) fn unescape_mountinfo(field: &str) -> Vec<u8> {
     out
 }
 
-fn start_timer(fs: SharedFs) -> Timer {
+fn start_timer(fs: SharedFs, activity: Arc<Activity>) -> Timer {
     let stop = Arc::new((Mutex::new(false), Condvar::new()));
     let stop2 = stop.clone();
     let handle = std::thread::Builder::new()
         .name("keybound-commit".into())
-        .spawn(move || commit_loop(&fs, &stop2))
+        .spawn(move || commit_loop(&fs, &activity, &stop2))
         .expect("spawning the commit timer thread");
     (handle, stop)
 }
 
-fn commit_loop(fs: &SharedFs, stop: &(Mutex<bool>, Condvar)) {
+fn commit_loop(fs: &SharedFs, activity: &Activity, stop: &(Mutex<bool>, Condvar)) {
     // This thread handles plaintext: wipe its stack when it ends.
     crate::secrets::scrub_stack_at_thread_exit();
     let (flag, cv) = stop;
-    let mut stopped = flag.lock().unwrap_or_else(PoisonError::into_inner);
-    while !*stopped {
-        stopped = cv
-            .wait_timeout(stopped, COMMIT_TICK)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-        let mut guard = lock(fs);
-        let Some(fs) = guard.as_mut() else { return };
-        if let Err(e) = fs.commit_if_dirty_older_than(COMMIT_AGE) {
-            tracing::error!("periodic commit failed: {e}");
+    let stopped = || *flag.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let guard = flag.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) = cv
+            .wait_timeout_while(guard, COMMIT_TICK, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *guard {
+            return;
+        }
+        drop(guard);
+        let idle_storage = {
+            let mut guard = lock(fs);
+            let Some(fs) = guard.as_mut() else { return };
+            if let Err(e) = fs.commit_if_dirty_older_than(COMMIT_AGE) {
+                tracing::error!("periodic commit failed: {e}");
+            }
+            (!fs.is_dirty() && activity.idle_for() >= IDLE_WORK_AFTER).then(|| fs.storage())
+        };
+        // Without the filesystem held: a request that comes in waits for one step at most, and
+        // the next step sees it and stops.
+        while let Some(storage) = &idle_storage
+            && activity.idle_for() >= IDLE_WORK_AFTER
+            && !stopped()
+        {
+            match storage.work_while_idle(IDLE_WORK_STEP) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!("idle-time storage work failed: {e}");
+                    break;
+                }
+            }
         }
     }
 }

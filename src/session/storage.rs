@@ -61,6 +61,10 @@ impl crate::fs::Storage for EncryptedStorage {
     fn holds_commits(&self) -> bool {
         self.store.is_held_still()
     }
+
+    fn work_while_idle(&self, max_sectors: u64) -> io::Result<bool> {
+        self.store.seal_unsealed(max_sectors)
+    }
 }
 
 /// Bytes an unprivileged user may still write on the filesystem holding `path`.
