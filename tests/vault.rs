@@ -132,6 +132,50 @@ fn container_shows_no_plaintext_no_names_and_looks_random() {
     }
 }
 
+/// `keybound info --json` of the vault: its unsealed sectors (zeros in the file).
+fn unsealed_sectors(fx: &Fixture) -> u64 {
+    let out = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
+    assert_ok(&out);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["unsealed_sectors"].as_u64().expect("unsealed_sectors")
+}
+
+#[test]
+fn a_mount_left_idle_seals_its_free_space_before_any_unmount() {
+    let fx = Fixture::create_and_mount(20000021, &[]);
+    // Requests every 20 ms keep the mount busy (its idle time seals nothing)
+    // while a big file grows the store, which leaves gaps listed as unsealed.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poker = {
+        let (busy, mnt) = (busy.clone(), fx.mnt.clone());
+        std::thread::spawn(move || {
+            while busy.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = fs::metadata(mnt.join("big"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    write_big_file(&fx.mnt.join("big"), 48);
+    let before = unsealed_sectors(&fx);
+    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    poker.join().unwrap();
+    assert!(before > 0, "a growing store left no gap to seal");
+    // Idle now: within seconds the header lists none, and the file has no
+    // 4 KiB stretch of zeros where the gaps were.
+    common::wait_until(
+        "the idle mount to seal its gaps",
+        Duration::from_secs(20),
+        || unsealed_sectors(&fx) == 0,
+    );
+    let bytes = fs::read(&fx.vault).unwrap();
+    let zero_blocks = bytes[DATA_OFFSET as usize..]
+        .chunks_exact(4124)
+        .filter(|sector| sector.iter().all(|&b| b == 0))
+        .count();
+    assert_eq!(zero_blocks, 0, "{before} sectors were unsealed");
+    assert!(fs::read(fx.mnt.join("big")).unwrap().len() == 48 << 20);
+}
+
 fn memchr_all(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }

@@ -14,7 +14,7 @@ pub enum ContainerError {
 
     #[error(
         "{} is a keybound container of format version {version}, but this build only reads \
-         version {supported}; use a newer keybound",
+         versions up to {supported}; use a newer keybound",
         path.display()
     )]
     UnsupportedVersion {

@@ -30,7 +30,8 @@ pub const MAX_HOLD: Duration = Duration::from_secs(3600);
 /// How long a client waits for the daemon to commit and hold.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Commits the filesystem before a hold, so the copy has the latest writes.
+/// Commits the filesystem (and settles the storage) before a hold, so the copy has the latest
+/// writes.
 pub type Commit = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// The listening socket; removed when dropped.

@@ -186,7 +186,11 @@ pub fn serve(
 /// the vault still works; only `keybound backup` of it will say it cannot.
 fn serve_control(handle: &MountHandle, gate: Arc<FreezeGate>) -> Option<control::ControlServer> {
     let committer = handle.committer();
-    let commit: control::Commit = Box::new(move || committer.commit().map_err(|e| e.to_string()));
+    // Committed and settled: the copy shows no unsealed sectors (FORMAT.md §5).
+    let commit: control::Commit = Box::new(move || {
+        committer.commit().map_err(|e| e.to_string())?;
+        committer.settle().map_err(|e| e.to_string())
+    });
     let socket = registry::control_socket(std::process::id());
     let listening =
         registry::create_mounts_dir().and_then(|_| control::listen(&socket, gate, commit));
