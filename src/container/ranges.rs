@@ -47,6 +47,16 @@ impl RangeSet {
             .map(|(&s, &e)| (s, e))
     }
 
+    /// The parts of the set inside `lo..hi`, in order.
+    pub fn pieces(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+        let first = self.ranges.range(..=lo).next_back().map_or(lo, |(&s, _)| s);
+        self.ranges
+            .range(first..hi)
+            .map(|(&s, &e)| (s.max(lo), e.min(hi)))
+            .filter(|(s, e)| s < e)
+            .collect()
+    }
+
     /// The lowest range, if any.
     pub fn first(&self) -> Option<(u64, u64)> {
         self.ranges.iter().next().map(|(&s, &e)| (s, e))
@@ -133,6 +143,9 @@ mod tests {
         set.remove(38, 100);
         assert_eq!(members(&set, 50), (5..12).chain(14..38).collect::<Vec<_>>());
         assert_eq!(set.to_vec(), vec![(5, 12), (14, 38)]);
+        assert_eq!(set.pieces(8, 20), vec![(8, 12), (14, 20)]);
+        assert_eq!(set.pieces(12, 14), vec![]);
+        assert_eq!(set.pieces(0, 100), set.to_vec());
         assert_eq!((set.range_count(), set.shortest()), (2, Some((5, 12))));
         set.remove(0, 100);
         assert!(set.is_empty());

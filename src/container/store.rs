@@ -62,6 +62,12 @@ const READ_AHEAD_SECTORS: u64 = 1024;
 /// (bounds the list of sectors a batch builds).
 const GAP_FILL_BATCH: u64 = 4096;
 
+/// The header sees the data area in blocks of this many sectors (1 MiB):
+/// after a sync each block below the extent is sealed whole or listed as
+/// unsealed whole, so the list changes (a header write) once per block that
+/// writes reach, not at every commit (FORMAT.md §4.2).
+const BLOCK_SECTORS: u64 = 256;
+
 /// Nonces drawn from the system's random source at once (one `getrandom`
 /// per this many sealed sectors, instead of one per write).
 const NONCE_POOL: usize = 256;
@@ -1137,15 +1143,64 @@ impl SectorStore {
         }
         {
             let live = self.live_read()?;
-            if live.gaps.range_count() <= MAX_UNSEALED_RANGES {
+            if live.gaps.range_count() <= MAX_UNSEALED_RANGES
+                && self.partly_sealed_blocks(&live)?.is_empty()
+            {
                 self.sync_sectors()?;
                 return self.record_len_and_extent(&live);
             }
         }
         let mut live = self.live_write()?;
+        self.seal_partly_sealed_blocks(&mut live)?;
         self.fill_excess_gaps(&mut live)?;
         self.sync_sectors()?;
         self.record_len_and_extent(&live)
+    }
+
+    /// The blocks (`start..end`, cut at what the store may use) that writes
+    /// since the last sync reached and that still have unsealed sectors: in
+    /// a gap, or beyond the extent.
+    fn partly_sealed_blocks(&self, live: &Live) -> io::Result<Vec<(u64, u64)>> {
+        let limit = self.sector_limit(live);
+        let recent = self.recent.lock().map_err(|_| poisoned())?;
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        for (lo, hi) in recent.to_vec() {
+            for block in lo / BLOCK_SECTORS..hi.div_ceil(BLOCK_SECTORS) {
+                let start = block * BLOCK_SECTORS;
+                let end = (start + BLOCK_SECTORS).min(limit);
+                let unsealed = live.extent < end || !live.gaps.pieces(start, end).is_empty();
+                if start < end && unsealed && blocks.last() != Some(&(start, end)) {
+                    blocks.push((start, end));
+                }
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// Seal zeros into what is unsealed of each block writes reached since
+    /// the last sync, so that the header's list only changes when writes
+    /// reach a block it lists (BLOCK_SECTORS).
+    fn seal_partly_sealed_blocks(&self, live: &mut Live) -> io::Result<()> {
+        for (start, end) in self.partly_sealed_blocks(live)? {
+            for (lo, hi) in live.gaps.pieces(start, end) {
+                self.fill_range(live, lo, hi)?;
+            }
+            // Page 0's shadow pair is written by its own rules (§4.1).
+            let from = live.extent.max(2);
+            if from < end {
+                self.fill_range(live, from, end)?;
+                live.extent = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sectors the store may seal: those its length needs, within the
+    /// capacity of a fixed-size container.
+    fn sector_limit(&self, live: &Live) -> u64 {
+        let needed = sectors_for_len(live.store_len);
+        self.capacity
+            .map_or(needed, |capacity| needed.min(capacity))
     }
 
     /// `fdatasync`, unless no sector was written since the last one; then

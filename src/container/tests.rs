@@ -844,8 +844,10 @@ fn growth_reads_zeros_and_shrink_truncates() {
     store.read(10 * 4096, &mut out).unwrap();
     assert!(out.iter().all(|&b| b == 7));
     store.sync_data().unwrap();
+    // The sync seals the rest of the block written to, up to the sectors
+    // the length needs (21).
     let grown = std::fs::metadata(&v.path).unwrap().len();
-    assert_eq!(grown, file_len_for_sectors(12));
+    assert_eq!(grown, file_len_for_sectors(21));
 
     store.set_len(4 * 4096).unwrap();
     let shrunk = std::fs::metadata(&v.path).unwrap().len();
@@ -933,11 +935,13 @@ fn a_gap_below_a_far_write_is_recorded_by_a_sync_and_survives_a_crash() {
         write_far_beyond_the_extent(&store);
         assert_far_pages_read_back(&store);
         store.sync_data().unwrap();
-        // The sync seals no zeros into the gap (physical sector = page + 1):
-        // the header lists it instead.
+        // The sync seals no zeros into the gap (physical sector = page + 1),
+        // only into the rest of each 256-sector block written to: sectors
+        // 1280..1536 and 1792..2001. The header lists 5..1280 and 1536..1792.
         assert!(raw_sector(&v.path, 1001).iter().all(|&b| b == 0));
+        assert!(raw_sector(&v.path, 1280).iter().any(|&b| b != 0));
         let info = Container::inspect(&v.path).unwrap();
-        assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 1996));
+        assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 1531));
         store.abandon(); // a crash: no clean close
     }
     let store = unlock(&v.path, Access::ReadOnly);
@@ -969,12 +973,12 @@ fn idle_sealing_fills_the_gaps_step_by_step_then_empties_the_list() {
     let store = unlock(&v.path, Access::ReadWrite);
     write_far_beyond_the_extent(&store);
     store.sync_data().unwrap();
-    // Gaps 3..1501 and 1502..2000 (1,996 sectors), the lowest first.
-    assert!(store.seal_unsealed(1000).unwrap(), "996 sectors are left");
-    assert!(raw_sector(&v.path, 1002).iter().any(|&b| b != 0));
-    assert!(raw_sector(&v.path, 1003).iter().all(|&b| b == 0));
+    // Gaps 5..1280 and 1536..1792 (1,531 sectors), the lowest first.
+    assert!(store.seal_unsealed(1000).unwrap(), "531 sectors are left");
+    assert!(raw_sector(&v.path, 1004).iter().any(|&b| b != 0));
+    assert!(raw_sector(&v.path, 1005).iter().all(|&b| b == 0));
     let listed = Container::inspect(&v.path).unwrap().unsealed_sectors;
-    assert_eq!(listed, 1996, "the header changes with the next sync");
+    assert_eq!(listed, 1531, "the header changes with the next sync");
     assert!(!store.seal_unsealed(1000).unwrap());
     assert_eq!(Container::inspect(&v.path).unwrap().unsealed_sectors, 0);
     assert!(!store.seal_unsealed(1000).unwrap(), "nothing left to do");
@@ -986,20 +990,19 @@ fn more_gaps_than_the_header_lists_seal_the_shortest() {
     let v = create_vault(None);
     {
         let store = unlock(&v.path, Access::ReadWrite);
-        store.set_len(4 * 4096).unwrap();
+        store.set_len(80_000 * 4096).unwrap();
         store.write(4096, &[1u8; 4096]).unwrap();
-        store.sync_data().unwrap();
-        // 70 gaps: each write lands 3 pages beyond the last, one gap 100 long.
-        let mut page = 1;
-        store.set_len(1000 * 4096).unwrap();
-        for i in 0..70 {
-            page += if i == 35 { 101 } else { 4 };
-            store.write(page * 4096, &[7u8; 4096]).unwrap();
+        store.sync_data().unwrap(); // block 0 sealed: the extent is 256
+        // 66 gaps: a write in every other 256-sector block, one skip longer.
+        let mut sector = 10;
+        for i in 0..66 {
+            sector += if i == 33 { 1024 } else { 512 };
+            store.write((sector - 1) * 4096, &[7u8; 4096]).unwrap();
         }
         store.sync_data().unwrap();
         let info = Container::inspect(&v.path).unwrap();
-        // 64 listed (the long one among them), 6 short ones sealed.
-        assert_eq!(info.unsealed_sectors, 63 * 3 + 100);
+        // 64 listed (the long one among them), the 2 shortest sealed.
+        assert_eq!(info.unsealed_sectors, 63 * 256 + 768);
         store.abandon();
     }
     let store = unlock(&v.path, Access::ReadOnly);
@@ -1136,8 +1139,9 @@ fn seal_budget_is_reserved_ahead_and_enforced() {
         let info = Container::inspect(&v.path).unwrap();
         assert_eq!(info.seal_budget_reserved, SEAL_RESERVE_STEP);
     }
-    // A clean close gives back the unspent reserve: 3 seals (pair + page 1).
-    assert_eq!(Container::inspect(&v.path).unwrap().seal_budget_reserved, 3);
+    // A clean close gives back the unspent reserve: 5 seals (pair, page 1,
+    // and the zeros that fill its block up to the 5 sectors the length needs).
+    assert_eq!(Container::inspect(&v.path).unwrap().seal_budget_reserved, 5);
 
     let store = unlock(&v.path, Access::ReadWrite);
     store.set_seals(SEAL_LIMIT - 1);
