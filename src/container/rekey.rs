@@ -926,6 +926,40 @@ mod tests {
     }
 
     #[test]
+    fn sectors_a_crash_left_unsealed_are_skipped_and_still_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = vault(dir.path());
+        let far = PAGES + 1500;
+        {
+            let (c, mk) = open(&path);
+            let store = c.into_store(mk).unwrap();
+            store.set_len((far + 1) * SECTOR_SIZE as u64).unwrap();
+            store.write(far * SECTOR_SIZE as u64, &page(far)).unwrap();
+            store.sync_data().unwrap();
+            store.abandon(); // a crash: the gap below `far` stays unsealed
+        }
+        let unsealed = Container::inspect(&path).unwrap().unsealed_sectors;
+        assert!(unsealed > 1000, "{unsealed}");
+        let (mut c, old) = open(&path);
+        c.begin_rekey(&old).unwrap();
+        drop(c);
+        let report = finish(&path);
+        assert_eq!(report.unsealed, unsealed);
+        assert!(report.damaged.is_empty());
+        let (c, mk) = open(&path);
+        let store = c.into_store(mk).unwrap();
+        check_pages(&store);
+        let mut buf = vec![9u8; SECTOR_SIZE];
+        store.read(far * SECTOR_SIZE as u64, &mut buf).unwrap();
+        assert!(buf == page(far));
+        store
+            .read((PAGES + 700) * SECTOR_SIZE as u64, &mut buf)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(store.damaged_reads(), 0);
+    }
+
+    #[test]
     fn the_older_header_copy_alone_still_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let path = vault(dir.path());
