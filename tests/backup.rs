@@ -141,14 +141,6 @@ fn backups_of_a_mounted_vault_under_fsync_load_open_and_keep_what_was_fsynced() 
     }
 }
 
-/// `keybound info --json` of `container`: its unsealed sectors (zeros in the file).
-fn unsealed_sectors(fx: &Fixture, container: &Path) -> u64 {
-    let out = fx.run(&["info", s(container), "--json"]);
-    assert_ok(&out);
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["unsealed_sectors"].as_u64().expect("unsealed_sectors")
-}
-
 #[test]
 fn a_backup_of_a_busy_vault_seals_its_free_space_before_the_copy() {
     let fx = Fixture::create_and_mount(20_600_008, &[]);
@@ -156,13 +148,13 @@ fn a_backup_of_a_busy_vault_seals_its_free_space_before_the_copy() {
     // file grows the store, which leaves gaps the header lists as unsealed.
     let writer = Writer::start(fx.mnt.clone());
     write_synced(&fx.mnt.join("big"), &content(1, 48 << 20));
-    let before = unsealed_sectors(&fx, &fx.vault);
+    let before = fx.unsealed_sectors(&fx.vault);
     assert!(before > 0, "a growing store left no gap to seal");
     let copy = fx.path("copy.kb");
     backup_json(&fx, &[s(&fx.vault), s(&copy)]);
     let synced = writer.stop();
     assert_eq!(
-        unsealed_sectors(&fx, &copy),
+        fx.unsealed_sectors(&copy),
         0,
         "the copy shows free space as zeros ({before} sectors unsealed before the backup)"
     );

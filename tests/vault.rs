@@ -132,14 +132,6 @@ fn container_shows_no_plaintext_no_names_and_looks_random() {
     }
 }
 
-/// `keybound info --json` of the vault: its unsealed sectors (zeros in the file).
-fn unsealed_sectors(fx: &Fixture) -> u64 {
-    let out = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
-    assert_ok(&out);
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["unsealed_sectors"].as_u64().expect("unsealed_sectors")
-}
-
 #[test]
 fn a_mount_left_idle_seals_its_free_space_before_any_unmount() {
     let fx = Fixture::create_and_mount(20000021, &[]);
@@ -159,7 +151,7 @@ fn a_mount_left_idle_seals_its_free_space_before_any_unmount() {
     };
     // 16 MiB in a fresh vault: redb doubles the store past what it fills.
     write_big_file(&fx.mnt.join("big"), 16);
-    let before = unsealed_sectors(&fx);
+    let before = fx.unsealed_sectors(&fx.vault);
     busy.store(false, std::sync::atomic::Ordering::SeqCst);
     poker.join().unwrap();
     assert!(before > 0, "a growing store left no gap to seal");
@@ -168,7 +160,7 @@ fn a_mount_left_idle_seals_its_free_space_before_any_unmount() {
     common::wait_until(
         "the idle mount to seal its gaps",
         Duration::from_secs(20),
-        || unsealed_sectors(&fx) == 0,
+        || fx.unsealed_sectors(&fx.vault) == 0,
     );
     let bytes = fs::read(&fx.vault).unwrap();
     let zero_blocks = bytes[DATA_OFFSET as usize..]

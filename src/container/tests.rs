@@ -927,6 +927,15 @@ fn assert_far_pages_read_back(store: &SectorStore) {
     assert_eq!(store.damaged_reads(), 0);
 }
 
+/// Reopened, the vault of `write_far_beyond_the_extent` has no damaged
+/// sector below its extent (2,001) and reads its pages back.
+fn assert_far_vault_reopens_intact(path: &Path) {
+    let store = unlock(path, Access::ReadOnly);
+    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
+    assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
+    assert_far_pages_read_back(&store);
+}
+
 #[test]
 fn a_gap_below_a_far_write_is_recorded_by_a_sync_and_survives_a_crash() {
     let v = create_vault(None);
@@ -944,10 +953,7 @@ fn a_gap_below_a_far_write_is_recorded_by_a_sync_and_survives_a_crash() {
         assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 1531));
         store.abandon(); // a crash: no clean close
     }
-    let store = unlock(&v.path, Access::ReadOnly);
-    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
-    assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
-    assert_far_pages_read_back(&store);
+    assert_far_vault_reopens_intact(&v.path);
 }
 
 #[test]
@@ -961,10 +967,7 @@ fn a_clean_close_seals_every_gap_and_the_header_lists_none() {
     assert!(raw_sector(&v.path, 1001).iter().any(|&b| b != 0));
     let info = Container::inspect(&v.path).unwrap();
     assert_eq!((info.extent_sectors, info.unsealed_sectors), (2001, 0));
-    let store = unlock(&v.path, Access::ReadOnly);
-    let scan = store.scan_sectors(&mut |_, _| {}).unwrap();
-    assert_eq!((scan.checked, scan.damaged.len()), (2001, 0));
-    assert_far_pages_read_back(&store);
+    assert_far_vault_reopens_intact(&v.path);
 }
 
 #[test]

@@ -202,6 +202,17 @@ impl Fixture {
         self.run(&args)
     }
 
+    /// `keybound info --json CONTAINER`: how many sectors it leaves unsealed
+    /// (free space that is zeros in the file, FORMAT.md §4.2).
+    pub fn unsealed_sectors(&self, container: &Path) -> u64 {
+        let out = self.run(&["info", s(container), "--json"]);
+        assert_ok(&out);
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["unsealed_sectors"]
+            .as_u64()
+            .expect("info --json has unsealed_sectors")
+    }
+
     /// SHA-256 of the container file, to prove a refusal changed nothing.
     pub fn vault_digest(&self) -> String {
         use sha2::{Digest, Sha256};
