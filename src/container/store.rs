@@ -922,7 +922,7 @@ impl SectorStore {
         while let Some((start, end)) = live.gaps.first()
             && max > 0
         {
-            let stop = end.min(start + GAP_FILL_BATCH.min(max));
+            let stop = end.min(start.saturating_add(max));
             self.fill_range(live, start, stop)?;
             max -= stop - start;
         }
@@ -934,18 +934,21 @@ impl SectorStore {
     fn fill_excess_gaps(&self, live: &mut Live) -> io::Result<()> {
         while live.gaps.range_count() > MAX_UNSEALED_RANGES {
             let (start, end) = live.gaps.shortest().expect("more than none");
-            for at in (start..end).step_by(GAP_FILL_BATCH as usize) {
-                self.fill_range(live, at, end.min(at + GAP_FILL_BATCH))?;
-            }
+            self.fill_range(live, start, end)?;
         }
         Ok(())
     }
 
+    /// Seal zeros into sectors `start..stop` (a gap, or beyond the extent),
+    /// `GAP_FILL_BATCH` at a time.
     fn fill_range(&self, live: &mut Live, start: u64, stop: u64) -> io::Result<()> {
-        let sectors: Vec<(u64, Source)> = (start..stop).map(|s| (s, Source::Zero)).collect();
-        self.reserve_seals(live, sectors.len() as u64)?;
-        self.seal_and_write(live, &sectors, &[])?;
-        live.gaps.remove(start, stop);
+        for at in (start..stop).step_by(GAP_FILL_BATCH as usize) {
+            let end = stop.min(at + GAP_FILL_BATCH);
+            let sectors: Vec<(u64, Source)> = (at..end).map(|s| (s, Source::Zero)).collect();
+            self.reserve_seals(live, sectors.len() as u64)?;
+            self.seal_and_write(live, &sectors, &[])?;
+            live.gaps.remove(at, end);
+        }
         Ok(())
     }
 
@@ -969,7 +972,7 @@ impl SectorStore {
             return Ok(true);
         }
         self.sync_sectors()?;
-        self.record_len_and_extent(&live)?;
+        self.record_data_area(&live)?;
         Ok(false)
     }
 
@@ -1105,14 +1108,14 @@ impl SectorStore {
         }
         self.fill_excess_gaps(live)?;
         self.sync_sectors()?;
-        self.record_len_and_extent(live)?;
+        self.record_data_area(live)?;
         self.file.set_len(needed)
     }
 
     /// Write the live length, extent and unsealed ranges into the header if
     /// they changed. The caller has made the sectors below the extent that
     /// are not in a gap durable, and left at most `MAX_UNSEALED_RANGES` gaps.
-    fn record_len_and_extent(&self, live: &Live) -> io::Result<()> {
+    fn record_data_area(&self, live: &Live) -> io::Result<()> {
         let mut meta = self.meta()?;
         let unsealed = live.gaps.to_vec();
         let h = &meta.header;
@@ -1147,14 +1150,14 @@ impl SectorStore {
                 && self.partly_sealed_blocks(&live)?.is_empty()
             {
                 self.sync_sectors()?;
-                return self.record_len_and_extent(&live);
+                return self.record_data_area(&live);
             }
         }
         let mut live = self.live_write()?;
         self.seal_partly_sealed_blocks(&mut live)?;
         self.fill_excess_gaps(&mut live)?;
         self.sync_sectors()?;
-        self.record_len_and_extent(&live)
+        self.record_data_area(&live)
     }
 
     /// The blocks (`start..end`, cut at what the store may use) that writes
