@@ -94,9 +94,10 @@ impl AuthorityArgs {
 #[derive(Args)]
 pub struct KdfArgs {
     /// How long one password derivation (Argon2id) should take on this machine
-    /// (raised to the vault policy's floor if that is higher).
-    #[arg(long, value_parser = super::vault_cmd::parse_duration, default_value = "1s")]
-    kdf_time: Duration,
+    /// (raised to the vault policy's floor if that is higher). Default: RFC
+    /// 9106's recommendation (64 MiB, 3 passes, 4 lanes).
+    #[arg(long, value_parser = super::vault_cmd::parse_duration)]
+    kdf_time: Option<Duration>,
     /// Argon2id memory in MiB (at least 64, and at least the policy's floor).
     #[arg(long, default_value_t = 64)]
     kdf_memory_mib: u32,

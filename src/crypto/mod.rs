@@ -26,7 +26,7 @@ mod random;
 pub use aead::{NONCE_LEN, RANDOM_NONCE_SEAL_LIMIT, SectorCipher, TAG_LEN, random_nonce};
 pub use kdf::{
     Argon2Params, SALT_LEN, argon2id, calibrate, generate_recovery_key, key_encryption_key,
-    random_salt, recovery_kek, slot_info,
+    new_slot_params, random_salt, recovery_kek, slot_info,
 };
 pub use keys::{CONTAINER_ID_LEN, KEY_LEN, KeyPurpose, MasterKey, SubKey};
 pub use mac::{HeaderMac, MAC_LEN};

@@ -29,7 +29,7 @@ use crate::container::{
     SlotKind,
 };
 use crate::crypto::{
-    Argon2Params, CryptoError, MasterKey, calibrate, random_salt, recovery_kek, slot_info,
+    Argon2Params, CryptoError, MasterKey, new_slot_params, random_salt, recovery_kek, slot_info,
 };
 use crate::secrets::{SecretBytes, SecretError};
 use crate::token::{self, EphemeralShare, LastTry, Pin, TokenError, TokenPublicKey};
@@ -340,17 +340,18 @@ pub fn meets_floor(policy: &Policy, argon: &Argon2Params) -> bool {
         && argon.parallelism >= floor.parallelism
 }
 
-/// How long Argon2id should take for a new slot, and how much memory.
+/// How long Argon2id should take for a new slot (RFC 9106's recommended
+/// passes and lanes if `None`), and how much memory.
 #[derive(Debug, Clone, Copy)]
 pub struct KdfTarget {
-    pub time: Duration,
+    pub time: Option<Duration>,
     pub memory_kib: u32,
 }
 
-/// Calibrate Argon2id for `target`, then lift it to the policy's floor.
+/// Argon2id for `target` (see [`new_slot_params`]), lifted to the policy's floor.
 pub fn kdf_params(policy: &Policy, target: KdfTarget) -> Result<Argon2Params, AdminError> {
     let floor = argon_floor(policy);
-    let mut params = calibrate(target.time, target.memory_kib.max(floor.memory_kib))?;
+    let mut params = new_slot_params(target.time, target.memory_kib.max(floor.memory_kib))?;
     params.iterations = params.iterations.max(floor.iterations);
     params.parallelism = params.parallelism.max(floor.parallelism);
     params.validate()?;

@@ -14,7 +14,7 @@ use crate::container::{
     Container, CreateOptions, HeaderInfo, NewSlot, NewSlotKind, new_container_id,
 };
 use crate::crypto::{
-    Argon2Params, CONTAINER_ID_LEN, MasterKey, argon2id, calibrate, key_encryption_key,
+    Argon2Params, CONTAINER_ID_LEN, MasterKey, argon2id, key_encryption_key, new_slot_params,
     random_salt, slot_info,
 };
 use crate::fs::Fs;
@@ -31,8 +31,9 @@ pub struct CreateRequest<'a> {
     pub piv_slot: Option<u8>,
     pub fixed_size: Option<u64>,
     pub label: String,
-    /// How long one Argon2id derivation should take on this machine.
-    pub kdf_time: Duration,
+    /// How long one Argon2id derivation should take on this machine; RFC
+    /// 9106's recommended passes and lanes if `None`.
+    pub kdf_time: Option<Duration>,
     pub kdf_memory_kib: u32,
     pub last_try: LastTry,
     /// The owner of the filesystem's root directory.
@@ -131,7 +132,7 @@ pub fn create(
     }
     drop(token);
 
-    let argon = calibrate(req.kdf_time, req.kdf_memory_kib)?;
+    let argon = new_slot_params(req.kdf_time, req.kdf_memory_kib)?;
     let id = new_container_id()?;
     let slot = TokenSlot {
         container_id: &id,
