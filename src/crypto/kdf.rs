@@ -193,8 +193,8 @@ fn hash_into(
 /// A pool of our own, not rayon's global one, because the workers' stacks
 /// hold Argon2's working blocks afterwards (the last blocks of each lane
 /// determine the hash): they are scrubbed while we still know the threads,
-/// and no idle thread outlives the derivation (the mount daemon forks after
-/// unlocking). Starting two threads costs well under a millisecond.
+/// and no idle worker stays behind for the rest of a mount. Starting two
+/// threads costs well under a millisecond.
 fn on_lane_threads(
     lanes: u32,
     derive: impl FnOnce() -> argon2::Result<()> + Send,
