@@ -193,17 +193,16 @@ fn hash_into(
 /// A pool of our own, not rayon's global one, because the workers' stacks
 /// hold Argon2's working blocks afterwards (the last blocks of each lane
 /// determine the hash): they are scrubbed while we still know the threads,
-/// and no idle worker stays behind for the rest of a mount. Starting two
-/// threads costs well under a millisecond.
+/// and no idle worker stays behind for the rest of a mount. Even one lane
+/// needs the pool: outside one, the crate hands its lanes to rayon's global
+/// pool, whose threads we could not scrub. Starting the threads costs well
+/// under a millisecond.
 fn on_lane_threads(
     lanes: u32,
     derive: impl FnOnce() -> argon2::Result<()> + Send,
 ) -> Result<(), CryptoError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (lanes as usize).clamp(1, cores);
-    if threads == 1 {
-        return derive().map_err(|e| CryptoError::Argon2(e.to_string()));
-    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("argon2-lane-{i}"))
@@ -396,11 +395,22 @@ mod tests {
 
         // Same as the crate computes for m, t, p in that order (catches
         // swapped fields), and different for another salt.
+        // (In a pool of its own: rayon's global one must stay unstarted, see
+        // `derivations_leave_rayons_global_pool_unstarted`.)
         let reference = argon2::Params::new(64 * 1024, 3, 1, Some(32)).unwrap();
         let mut expected = [0u8; 32];
-        Argon2::new(Algorithm::Argon2id, Version::V0x13, reference)
-            .hash_password_into(password.expose(), &salt, &mut expected)
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
             .unwrap();
+        pool.install(|| {
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, reference).hash_password_into(
+                password.expose(),
+                &salt,
+                &mut expected,
+            )
+        })
+        .unwrap();
         assert_eq!(hash.expose(), expected);
 
         let mut other_salt = salt;
@@ -522,6 +532,21 @@ mod tests {
         let calibrated = new_slot_params(Some(Duration::from_millis(200)), 64 * 1024).unwrap();
         assert_eq!(calibrated.parallelism, 4);
         assert!(calibrated.iterations >= 3);
+    }
+
+    /// Derivations run on threads of their own, one lane or four, never on
+    /// rayon's global pool, whose workers would keep Argon2's blocks on their
+    /// stacks, unscrubbed, for the rest of the process.
+    #[test]
+    fn derivations_leave_rayons_global_pool_unstarted() {
+        let password = SecretBytes::from_slice(b"lanes").unwrap();
+        for params in [Argon2Params::MIN, Argon2Params::RECOMMENDED] {
+            argon2id(&password, &[7u8; SALT_LEN], params).unwrap();
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build_global()
+            .expect("the global pool was never started");
     }
 
     fn secret(byte: u8) -> SecretBytes {
