@@ -54,8 +54,9 @@ and prints one table. Must run as root (drop_caches, mounts).
 Workloads, in order, on each target:
   unlock      wall time of the mount command (FUSE targets)
   seq write   dd 1 MiB blocks of zeros, conv=fsync, median   MiB/s
-              of 3 rounds (SEQ_ROUNDS), each into a new file
-  cold read   remount (FUSE), drop caches, dd to /dev/null   MiB/s
+              of 3 rounds (ROUNDS), each into a new file
+  cold read   remount (FUSE), drop caches, dd to /dev/null,  MiB/s
+              median of 3 rounds (ROUNDS)
   warm read   the same file again, right away                MiB/s
   small files N files of 4 KiB in dirs of 100, fsync each    files/s
   untar       tar -x of the Linux source tarball (already    s
@@ -202,22 +203,34 @@ declare -A UNIT=(
 # rate BYTES_OR_COUNT SECONDS DIVISOR -> value with 1 decimal
 rate() { awk -v n="$1" -v s="$2" -v d="$3" 'BEGIN { if (s <= 0) s = 0.001; printf "%.1f", n / d / s }'; }
 
-# seq_write_median TARGET FILE: write FILE SEQ_ROUNDS times (each round
-# deletes and syncs the one before; the last stays for the read rows) and
-# store the median rate. One write of 1 GiB on this VM (Firecracker, free
-# page reporting on) varies by up to 2x between runs of the same code, for
-# every target; the rounds are printed so the spread shows.
-SEQ_ROUNDS=${SEQ_ROUNDS:-3}
-seq_write_median() {
-    local t=$1 file=$2 i rates=()
-    for ((i = 1; i <= SEQ_ROUNDS; i++)); do
-        rm -f "$file"
-        sync
-        measure "$t" seqwrite dd if=/dev/zero of="$file" bs=1M count="$SIZE_MIB" conv=fsync status=none
-        rates+=("$(rate "$SIZE_MIB" "${M[$t.seqwrite]}" 1)")
+# median_of_rounds TARGET KEY ROUND: run the function ROUND (it measures
+# TARGET KEY, in seconds, over the big file) ROUNDS times, print every
+# round's rate and store the median. One 1 GiB write or cold read on this VM
+# (Firecracker, free page reporting on) varies by up to 2x between runs of
+# the same code, for every target; three rounds and their spread say more.
+ROUNDS=${ROUNDS:-3}
+median_of_rounds() {
+    local t=$1 key=$2 round=$3 i rates=()
+    for ((i = 1; i <= ROUNDS; i++)); do
+        "$round" "$t"
+        rates+=("$(rate "$SIZE_MIB" "${M[$t.$key]}" 1)")
     done
-    kb_say "[$t] seq write rounds: ${rates[*]} MiB/s"
-    M[$t.seqwrite]=$(printf '%s\n' "${rates[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    kb_say "[$t] ${LABEL[$key]} rounds: ${rates[*]} ${UNIT[$key]}"
+    M[$t.$key]=$(printf '%s\n' "${rates[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+}
+
+# A sequential-write round: a new big file (the one before deleted and synced).
+seq_write_round() {
+    rm -f "${DATA[$1]}/big"
+    sync
+    measure "$1" seqwrite dd if=/dev/zero of="${DATA[$1]}/big" bs=1M count="$SIZE_MIB" conv=fsync status=none
+}
+
+# A cold-read round: remount (FUSE targets), drop caches, read the big file.
+cold_read_round() {
+    "remount_$1"
+    kb_drop_caches
+    measure "$1" coldread dd if="${DATA[$1]}/big" of=/dev/null bs=1M status=none
 }
 
 # measure TARGET KEY CMD...: time CMD (stdout discarded), store seconds.
@@ -340,14 +353,11 @@ bench_target() {
     d=${DATA[$t]}
     kb_say "[$t] working in $d"
 
-    seq_write_median "$t" "$d/big"
+    median_of_rounds "$t" seqwrite seq_write_round
     show "$t" seqwrite
 
-    "remount_$t"
+    median_of_rounds "$t" coldread cold_read_round
     d=${DATA[$t]}
-    kb_drop_caches
-    measure "$t" coldread dd if="$d/big" of=/dev/null bs=1M status=none
-    M[$t.coldread]=$(rate "$SIZE_MIB" "${M[$t.coldread]}" 1)
     show "$t" coldread
     measure "$t" warmread dd if="$d/big" of=/dev/null bs=1M status=none
     M[$t.warmread]=$(rate "$SIZE_MIB" "${M[$t.warmread]}" 1)
