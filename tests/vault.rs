@@ -357,6 +357,48 @@ fn truncated_container_is_refused_with_a_clear_message() {
     assert!(!fx.is_mounted());
 }
 
+/// The Argon2id parameters of slot 0, from `keybound info --json`.
+fn slot0_argon(fx: &Fixture) -> (u64, u64, u64) {
+    let info = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
+    assert_ok(&info);
+    let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let argon = &json["slots"][0]["kind"]["argon"];
+    let field = |name: &str| argon[name].as_u64().unwrap_or_else(|| panic!("{json}"));
+    (
+        field("memory_kib"),
+        field("iterations"),
+        field("parallelism"),
+    )
+}
+
+#[test]
+fn a_new_vault_hashes_its_password_as_rfc9106_recommends_unless_told_a_time() {
+    let fx = Fixture::new(20000014);
+    let created = fx.create(&[]);
+    assert_ok(&created);
+    assert!(
+        stdout(&created).contains("Argon2id, 64 MiB, 3 passes, 4 lanes (RFC 9106"),
+        "{}",
+        stdout(&created)
+    );
+    assert_eq!(slot0_argon(&fx), (65536, 3, 4));
+    // And it opens with them.
+    assert_ok(&fx.mount(&[]));
+    assert_ok(&fx.unmount());
+
+    fs::remove_file(&fx.vault).unwrap();
+    let created = fx.create(&["--kdf-time", "300ms"]);
+    assert_ok(&created);
+    assert!(
+        stdout(&created).contains("calibrated to"),
+        "{}",
+        stdout(&created)
+    );
+    let (memory, passes, lanes) = slot0_argon(&fx);
+    assert_eq!((memory, lanes), (65536, 4));
+    assert!(passes >= 3, "{passes} passes");
+}
+
 #[test]
 fn preallocated_vault_has_its_fixed_size_and_says_so() {
     let fx = Fixture::new(20000008);
