@@ -435,6 +435,71 @@ fn preallocated_vault_has_its_fixed_size_and_says_so() {
     );
 }
 
+/// `keybound compact VAULT` with the fixture's secrets.
+fn compact(fx: &Fixture) -> std::process::Output {
+    fx.run(&[
+        "compact",
+        fx.vault.to_str().unwrap(),
+        "--password-file",
+        fx.password.to_str().unwrap(),
+        "--pin-file",
+        fx.pin.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn compact_gives_deleted_space_back_and_keeps_every_file() {
+    let fx = Fixture::create_and_mount(20000015, &[]);
+    fs::write(fx.mnt.join("kept"), content(3, 100_000)).unwrap();
+    let mut big = fs::File::create(fx.mnt.join("big")).unwrap();
+    big.write_all(&content(4, 48 << 20)).unwrap();
+    big.sync_all().unwrap();
+    drop(big);
+    fs::remove_file(fx.mnt.join("big")).unwrap();
+
+    // While mounted the vault is in use: refused, and the mount carries on.
+    assert_fails(&compact(&fx), VAULT_IN_USE, &["in use"]);
+    assert!(fx.is_mounted());
+    assert_eq!(fs::read(fx.mnt.join("kept")).unwrap(), content(3, 100_000));
+    assert_ok(&fx.unmount());
+    // The unmount's commit gave back only part of the deleted space (redb halves
+    // the free tail per commit).
+    let grown = fs::metadata(&fx.vault).unwrap().len();
+    assert!(
+        grown > 16 << 20,
+        "{grown} bytes: the deleted space is already gone, nothing to test"
+    );
+
+    let out = compact(&fx);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("given back"), "{}", stdout(&out));
+    let compacted = fs::metadata(&fx.vault).unwrap().len();
+    assert!(
+        compacted < 4 << 20,
+        "{grown} bytes before, {compacted} after: the deleted 48 MiB stayed"
+    );
+
+    assert_ok(&fx.mount(&[]));
+    assert_eq!(fs::read(fx.mnt.join("kept")).unwrap(), content(3, 100_000));
+    assert!(!fx.mnt.join("big").exists());
+    assert_ok(&fx.unmount());
+}
+
+#[test]
+fn compact_refuses_a_fixed_size_vault_and_changes_nothing() {
+    let fx = Fixture::new(20000016);
+    assert_ok(&fx.create(&["--size", "16M"]));
+    let before = fx.vault_digest();
+    let out = compact(&fx);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fixed size"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fx.vault_digest(), before);
+}
+
 #[test]
 fn read_only_mount_refuses_writes_and_changes_nothing() {
     let fx = Fixture::create_and_mount(20000009, &[]);

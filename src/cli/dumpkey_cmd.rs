@@ -13,7 +13,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use keybound::secrets::SecretBytes;
 
-use super::unlock_args::{TokenUnlockArgs, unlock_read_only};
+use keybound::container::Access;
+
+use super::unlock_args::{TokenUnlockArgs, unlock_unmounted};
 
 #[derive(Args)]
 pub struct DumpKeyArgs {
@@ -40,7 +42,12 @@ pub fn run(args: DumpKeyArgs) -> Result<()> {
 fn dump_key(args: &DumpKeyArgs) -> Result<()> {
     // Everything that needs no secret first, as `mount` does: the container,
     // its lock (a mounted vault is refused) and the token to use.
-    let unlocked = unlock_read_only(&args.vault, &args.token, anyhow::Error::from)?;
+    let unlocked = unlock_unmounted(
+        &args.vault,
+        Access::ReadOnly,
+        &args.token,
+        anyhow::Error::from,
+    )?;
     let master_key = unlocked.master_key;
     drop(unlocked.container);
 

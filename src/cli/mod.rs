@@ -3,6 +3,7 @@
 mod admin_cmd;
 mod audit_cmd;
 mod backup_cmd;
+mod compact_cmd;
 mod dumpkey_cmd;
 pub mod exitcodes;
 mod mount_cmd;
@@ -54,6 +55,9 @@ pub enum Command {
     Status(vault_cmd::StatusArgs),
     /// Show a vault's header: format, container id, key slots, KDF settings. Never secrets.
     Info(vault_cmd::InfoArgs),
+    /// Give the free space inside a growing (unmounted) vault back to the disk; needs password +
+    /// token.
+    Compact(compact_cmd::CompactArgs),
     /// Print the vault's master key (hex, on stdout) for disaster recovery; needs password + token.
     DumpKey(dumpkey_cmd::DumpKeyArgs),
     /// Add a key slot: another token (plugged in, or from its certificate) or a recovery key.
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(args) => mount_cmd::lock(args),
         Command::Status(args) => vault_cmd::status(args),
         Command::Info(args) => vault_cmd::info(args),
+        Command::Compact(args) => compact_cmd::run(args),
         Command::DumpKey(args) => dumpkey_cmd::run(args),
         Command::Enroll(args) => admin_cmd::enroll(args),
         Command::Passwd(args) => admin_cmd::passwd(args),

@@ -1,7 +1,7 @@
-//! Unlocking a locked vault read-only with password + token, for the commands that need its
-//! master key but no mount (`dump-key`, `verify --deep`): the same flags and the same order as
-//! `mount` — everything that needs no secret first (the container, its lock, the token to use),
-//! then the password and the PIN.
+//! Unlocking a locked vault with password + token, for the commands that need its master key
+//! but no mount (`dump-key` and `verify --deep` read-only, `compact` read-write): the same flags
+//! and the same order as `mount` — everything that needs no secret first (the container, its
+//! lock, the token to use), then the password and the PIN.
 
 use std::path::{Path, PathBuf};
 
@@ -40,22 +40,23 @@ impl TokenUnlockArgs {
     }
 }
 
-/// A vault opened read-only (and locked against other processes) with its master key.
+/// A vault opened (and locked against other processes) with its master key.
 pub struct Unlocked {
     pub container: Container,
     pub choice: Choice,
     pub master_key: MasterKey,
 }
 
-/// Open `vault` read-only and unwrap its master key with the token's slot. A vault another
+/// Open `vault` with `access` and unwrap its master key with the token's slot. A vault another
 /// process holds (mounted) is refused with `in_use`'s error.
-pub fn unlock_read_only(
+pub fn unlock_unmounted(
     vault: &Path,
+    access: Access,
     args: &TokenUnlockArgs,
     in_use: impl FnOnce(ContainerError) -> anyhow::Error,
 ) -> Result<Unlocked> {
     let header = Container::inspect(vault)?;
-    let container = match Container::open(vault, Access::ReadOnly) {
+    let container = match Container::open(vault, access) {
         Ok(c) => c,
         Err(e @ ContainerError::Locked { .. }) => return Err(in_use(e)),
         Err(e) => return Err(e.into()),

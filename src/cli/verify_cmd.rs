@@ -12,14 +12,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::Args;
 use keybound::container::{
-    ContainerError, CopyStatus, HeaderCopy, MacStatus, Severity, ShallowReport, verify_container,
+    Access, ContainerError, CopyStatus, HeaderCopy, MacStatus, Severity, ShallowReport,
+    verify_container,
 };
 use keybound::session::registry;
 use keybound::session::verify::{DamagedSector, DeepProgress, DeepReport, verify_deep};
 use serde::Serialize;
 
 use super::exitcodes;
-use super::unlock_args::{TokenUnlockArgs, unlock_read_only};
+use super::unlock_args::{TokenUnlockArgs, unlock_unmounted};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -107,7 +108,9 @@ pub fn run(args: VerifyArgs) -> Result<()> {
 
 /// Unlock read-only and run the deep check, with a progress bar on a terminal.
 fn deep_check(args: &VerifyArgs, event: &mut keybound::audit::Event) -> Result<DeepReport> {
-    let unlocked = unlock_read_only(&args.vault, &args.token, |e| mounted(&args.vault, e))?;
+    let unlocked = unlock_unmounted(&args.vault, Access::ReadOnly, &args.token, |e| {
+        mounted(&args.vault, e)
+    })?;
     let id = unlocked.container.info().id;
     let (slot, serial) = (unlocked.choice.slot.index, unlocked.choice.serial);
     event.update(|e| e.container_id(&id).slot(slot).token(serial));

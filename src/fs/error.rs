@@ -98,7 +98,8 @@ from_redb!(
     redb::TableError,
     redb::TransactionError,
     redb::CommitError,
-    redb::DatabaseError
+    redb::DatabaseError,
+    redb::CompactionError
 );
 
 /// Result of filesystem operations.

@@ -342,6 +342,24 @@ impl Fs {
         self.backend.storage.clone()
     }
 
+    /// Moves the store's pages down and gives the freed tail of the container back
+    /// (redb's `Database::compact`, one durable commit per step); `Ok(true)` if anything
+    /// moved. Commits first. Read-write only, and meant for a vault nobody has mounted: the
+    /// store refuses while any transaction is open.
+    pub fn compact(&mut self) -> FsResult<bool> {
+        if self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        self.commit()?;
+        // An unchanged transaction may still be open (reads begin one); compaction needs none.
+        self.txn = None;
+        let Some(Db::W(db)) = self.db.as_mut() else {
+            return Err(FsError::Failed);
+        };
+        // redb repeats its compaction steps until one moves nothing.
+        Ok(db.compact()?)
+    }
+
     /// Commits the open transaction durably, if it changed anything.
     pub fn commit(&mut self) -> FsResult<()> {
         if self.damaged {

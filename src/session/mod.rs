@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod backup;
+pub mod compact;
 pub mod control;
 pub mod create;
 pub mod daemon;
