@@ -120,14 +120,7 @@ fn unlock_secrets(fx: &Fixture, master: &[u8]) -> UnlockSecrets {
 }
 
 fn dump_key(fx: &Fixture) -> Vec<u8> {
-    let out = fx.run(&[
-        "dump-key",
-        fx.vault.to_str().unwrap(),
-        "--password-file",
-        fx.password.to_str().unwrap(),
-        "--pin-file",
-        fx.pin.to_str().unwrap(),
-    ]);
+    let out = fx.run_with_secrets("dump-key", &[]);
     assert_ok(&out);
     assert!(
         stderr(&out).contains("WARNING") && stderr(&out).contains("master key"),

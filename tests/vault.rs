@@ -437,14 +437,7 @@ fn preallocated_vault_has_its_fixed_size_and_says_so() {
 
 /// `keybound compact VAULT` with the fixture's secrets.
 fn compact(fx: &Fixture) -> std::process::Output {
-    fx.run(&[
-        "compact",
-        fx.vault.to_str().unwrap(),
-        "--password-file",
-        fx.password.to_str().unwrap(),
-        "--pin-file",
-        fx.pin.to_str().unwrap(),
-    ])
+    fx.run_with_secrets("compact", &[])
 }
 
 #[test]

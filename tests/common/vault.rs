@@ -80,11 +80,10 @@ impl Fixture {
         cmd
     }
 
-    /// `keybound create` with the fixture's secrets and the default KDF (RFC
-    /// 9106's recommendation, as users get it).
-    pub fn create(&self, extra: &[&str]) -> Output {
+    /// `keybound COMMAND VAULT` with the fixture's password and PIN files, then `extra`.
+    pub fn run_with_secrets(&self, command: &str, extra: &[&str]) -> Output {
         let mut args = vec![
-            "create",
+            command,
             self.vault.to_str().unwrap(),
             "--password-file",
             self.password.to_str().unwrap(),
@@ -93,6 +92,12 @@ impl Fixture {
         ];
         args.extend_from_slice(extra);
         self.run(&args)
+    }
+
+    /// `keybound create` with the fixture's secrets and the default KDF (RFC
+    /// 9106's recommendation, as users get it).
+    pub fn create(&self, extra: &[&str]) -> Output {
+        self.run_with_secrets("create", extra)
     }
 
     /// `keybound mount VAULT MNT` with the fixture's secrets (detached).
