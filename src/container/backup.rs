@@ -211,11 +211,10 @@ fn data_changes(current: &Header, backup: &Header) -> Vec<String> {
         backup.seal_reserve < current.seal_reserve,
     );
     // Sectors sealed since the backup would read as zeros again.
-    let unsealed = |h: &Header| h.unsealed.iter().map(|(s, e)| e - s).sum::<u64>();
     check(
         "unsealed sectors",
-        unsealed(current),
-        unsealed(backup),
+        current.unsealed_sectors(),
+        backup.unsealed_sectors(),
         current.unsealed != backup.unsealed,
     );
     out

@@ -65,6 +65,11 @@ pub(crate) enum CopyProblem {
 }
 
 impl Header {
+    /// How many sectors the unsealed ranges hold.
+    pub fn unsealed_sectors(&self) -> u64 {
+        self.unsealed.iter().map(|(start, end)| end - start).sum()
+    }
+
     pub fn slot_bytes(&self, index: usize) -> &[u8] {
         &self.slots[index * SLOT_SIZE..(index + 1) * SLOT_SIZE]
     }

@@ -591,7 +591,7 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
             .then(|| file_len_for_sectors(header.capacity)),
         store_len: header.store_len,
         extent_sectors: header.extent,
-        unsealed_sectors: header.unsealed.iter().map(|(s, e)| e - s).sum(),
+        unsealed_sectors: header.unsealed_sectors(),
         file_len,
         copy_used: if used == 0 {
             HeaderCopy::A
