@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use keybound::container::Access;
+use keybound::container::{Access, Container};
 
 use super::unlock_args::{TokenUnlockArgs, unlock_unmounted};
 
@@ -27,6 +27,14 @@ pub fn run(args: CompactArgs) -> Result<()> {
 }
 
 fn compact(args: &CompactArgs) -> Result<()> {
+    // Before any secret is asked for (and a PIN try spent): the header says it all.
+    if Container::inspect(&args.vault)?.fixed_size.is_some() {
+        anyhow::bail!(
+            "{} has a fixed size (made with `create --size`): its size never changes, so there \
+             is nothing to give back",
+            args.vault.display()
+        );
+    }
     let before = file_len(&args.vault)?;
     let unlocked = unlock_unmounted(
         &args.vault,
@@ -34,13 +42,6 @@ fn compact(args: &CompactArgs) -> Result<()> {
         &args.token,
         anyhow::Error::from,
     )?;
-    if unlocked.container.info().fixed_size.is_some() {
-        anyhow::bail!(
-            "{} has a fixed size (made with `create --size`): its size never changes, so there \
-             is nothing to give back",
-            args.vault.display()
-        );
-    }
     eprintln!("Compacting {} …", args.vault.display());
     let moved = keybound::session::compact::compact(unlocked.container, unlocked.master_key)?;
     let after = file_len(&args.vault)?;
