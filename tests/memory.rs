@@ -43,9 +43,7 @@ fn canary_pattern() -> Vec<u8> {
 }
 
 fn container_id(fx: &Fixture) -> Vec<u8> {
-    let out = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
-    assert_ok(&out);
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = fx.info_json(&fx.vault);
     hex::decode(info["id"].as_str().expect("container id in info --json")).unwrap()
 }
 
@@ -61,9 +59,7 @@ struct UnlockSecrets {
 }
 
 fn unlock_secrets(fx: &Fixture, master: &[u8]) -> UnlockSecrets {
-    let out = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
-    assert_ok(&out);
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = fx.info_json(&fx.vault);
     let id = hex::decode(info["id"].as_str().unwrap()).unwrap();
     let slot = &info["slots"][0];
     let kind = &slot["kind"];

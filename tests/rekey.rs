@@ -74,12 +74,6 @@ fn json(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(out), stderr(out)))
 }
 
-fn info(fx: &Fixture) -> serde_json::Value {
-    let out = fx.run(&["info", s(&fx.vault), "--json"]);
-    assert_ok(&out);
-    json(&out)
-}
-
 fn dump_key(fx: &Fixture) -> Vec<u8> {
     let out = fx.run(&[
         "dump-key",
@@ -132,7 +126,7 @@ fn rekey_keeps_every_file_and_retires_the_old_key() {
     let old_key = dump_key(&fx);
     let backup = fx.path("header.bak");
     assert_ok(&fx.run(&["header", "backup", s(&fx.vault), s(&backup)]));
-    let extent = info(&fx)["extent_sectors"].as_u64().unwrap();
+    let extent = fx.info_json(&fx.vault)["extent_sectors"].as_u64().unwrap();
     assert!(extent > 1000, "a few MiB were written: {extent} sectors");
     assert_eq!(sectors_opening(&fx.vault, &old_key, 0, extent), extent);
 
@@ -155,7 +149,7 @@ fn rekey_keeps_every_file_and_retires_the_old_key() {
         summary["seconds"].as_f64().unwrap(),
         summary["mib_per_s"].as_f64().unwrap()
     );
-    let h = info(&fx);
+    let h = fx.info_json(&fx.vault);
     assert_eq!(h["key_epoch"], 1);
     assert!(h["rekey_in_progress"].is_null());
     assert_eq!(h["seal_budget_reserved"].as_u64(), Some(extent));
@@ -165,7 +159,7 @@ fn rekey_keeps_every_file_and_retires_the_old_key() {
     // The old key opens no sector (at either epoch); the new one opens all.
     let new_key = dump_key(&fx);
     assert_ne!(new_key, old_key);
-    let extent = info(&fx)["extent_sectors"].as_u64().unwrap();
+    let extent = fx.info_json(&fx.vault)["extent_sectors"].as_u64().unwrap();
     assert_eq!(sectors_opening(&fx.vault, &old_key, 0, extent), 0);
     assert_eq!(sectors_opening(&fx.vault, &old_key, 1, extent), 0);
     assert_eq!(sectors_opening(&fx.vault, &new_key, 1, extent), extent);
@@ -225,7 +219,10 @@ fn other_slots_are_carried_over_and_a_revoked_slot_in_an_old_header_opens_nothin
     let summary = json(&out);
     assert_eq!(summary["rewrapped_slots"], serde_json::json!([0]));
     assert_eq!(summary["pending_slots"], serde_json::json!([1]));
-    assert_eq!(info(&fx)["pending_slots"], serde_json::json!([1]));
+    assert_eq!(
+        fx.info_json(&fx.vault)["pending_slots"],
+        serde_json::json!([1])
+    );
 
     // Until its owner activates it, slot 1 does not mount, and says why.
     let out = fx.mount_with(&pw2, &pin2, &["--serial", "30000602"]);
@@ -245,7 +242,12 @@ fn other_slots_are_carried_over_and_a_revoked_slot_in_an_old_header_opens_nothin
     };
     assert_fails(&act(&wrong), 20, &["password"]);
     assert_ok(&act(&pw2));
-    assert!(info(&fx)["pending_slots"].as_array().unwrap().is_empty());
+    assert!(
+        fx.info_json(&fx.vault)["pending_slots"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     assert_tree(&fx, &pw2, &pin2, &["--serial", "30000602"], &expected);
     assert_ok(&fx.mount_with(&pw1, &pin1, &["--serial", "30000601"]));
     assert_ok(&fx.unmount());
@@ -276,7 +278,7 @@ fn other_slots_are_carried_over_and_a_revoked_slot_in_an_old_header_opens_nothin
         assert_ok(&out);
         hex::decode(stdout(&out).trim()).unwrap()
     };
-    let extent = info(&fx)["extent_sectors"].as_u64().unwrap();
+    let extent = fx.info_json(&fx.vault)["extent_sectors"].as_u64().unwrap();
     assert_eq!(
         sectors_opening(&copy, &key2, 1, extent),
         extent,
@@ -285,7 +287,7 @@ fn other_slots_are_carried_over_and_a_revoked_slot_in_an_old_header_opens_nothin
 
     assert_ok(&rekey(&fx, &["--admin-slot", "0"]));
     assert_tree(&fx, &pw1, &pin1, &["--serial", "30000601"], &expected);
-    let extent = info(&fx)["extent_sectors"].as_u64().unwrap();
+    let extent = fx.info_json(&fx.vault)["extent_sectors"].as_u64().unwrap();
     assert_eq!(sectors_opening(&fx.vault, &key2, 1, extent), 0);
     assert_eq!(sectors_opening(&fx.vault, &key2, 2, extent), 0);
     // The attacker restores the old header into the rotated vault: card 2
@@ -325,7 +327,7 @@ fn rekey_killed_at_random_points_resumes_and_loses_nothing() {
     write_tree(&fx.mnt, 30);
     let expected = tree_digests(&fx.mnt);
     assert_ok(&fx.unmount());
-    let extent = info(&fx)["extent_sectors"].as_u64().unwrap();
+    let extent = fx.info_json(&fx.vault)["extent_sectors"].as_u64().unwrap();
     // A full pass at 4 MiB/s takes about extent/1024 seconds.
     let full = Duration::from_secs_f64(extent as f64 / 1024.0);
     let mut seed = std::time::SystemTime::now()
@@ -358,7 +360,7 @@ fn rekey_killed_at_random_points_resumes_and_loses_nothing() {
         // a random point of the throttled pass.
         let began = Instant::now();
         while child.try_wait().unwrap().is_none()
-            && info(&fx)["rekey_in_progress"].is_null()
+            && fx.info_json(&fx.vault)["rekey_in_progress"].is_null()
             && began.elapsed() < Duration::from_secs(30)
         {
             std::thread::sleep(Duration::from_millis(20));
@@ -368,7 +370,7 @@ fn rekey_killed_at_random_points_resumes_and_loses_nothing() {
             child.kill().unwrap(); // SIGKILL
         }
         child.wait().unwrap();
-        let h = info(&fx);
+        let h = fx.info_json(&fx.vault);
         let state = &h["rekey_in_progress"];
         eprintln!(
             "run {run}: killed {:.2} s into the pass (exited by itself: {exited}); epoch {}, in progress: {state}",
@@ -389,6 +391,6 @@ fn rekey_killed_at_random_points_resumes_and_loses_nothing() {
     // Finish (or, if the last kill came after the end, rotate once more).
     let out = rekey(&fx, &[]);
     assert_ok(&out);
-    assert!(info(&fx)["rekey_in_progress"].is_null());
+    assert!(fx.info_json(&fx.vault)["rekey_in_progress"].is_null());
     assert_tree(&fx, &fx.password, &fx.pin, &[], &expected);
 }

@@ -359,9 +359,7 @@ fn truncated_container_is_refused_with_a_clear_message() {
 
 /// The Argon2id parameters of slot 0, from `keybound info --json`.
 fn slot0_argon(fx: &Fixture) -> (u64, u64, u64) {
-    let info = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
-    assert_ok(&info);
-    let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let json = fx.info_json(&fx.vault);
     let argon = &json["slots"][0]["kind"]["argon"];
     let field = |name: &str| argon[name].as_u64().unwrap_or_else(|| panic!("{json}"));
     (
@@ -409,9 +407,7 @@ fn preallocated_vault_has_its_fixed_size_and_says_so() {
         ((64 << 20) - 4124..=64 << 20).contains(&len),
         "container is {len} bytes"
     );
-    let info = fx.run(&["info", fx.vault.to_str().unwrap(), "--json"]);
-    assert_ok(&info);
-    let json: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let json = fx.info_json(&fx.vault);
     assert!(json["fixed_size"].as_u64().is_some(), "{json}");
     assert_ok(&fx.mount(&[]));
     fs::write(fx.mnt.join("a"), content(1, 8 << 20)).unwrap();

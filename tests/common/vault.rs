@@ -206,13 +206,18 @@ impl Fixture {
         self.run(&args)
     }
 
-    /// `keybound info --json CONTAINER`: how many sectors it leaves unsealed
-    /// (free space that is zeros in the file, FORMAT.md §4.2).
-    pub fn unsealed_sectors(&self, container: &Path) -> u64 {
+    /// `keybound info --json CONTAINER`, parsed.
+    pub fn info_json(&self, container: &Path) -> serde_json::Value {
         let out = self.run(&["info", s(container), "--json"]);
         assert_ok(&out);
-        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        info["unsealed_sectors"]
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)))
+    }
+
+    /// How many sectors CONTAINER leaves unsealed (free space that is zeros
+    /// in the file, FORMAT.md §4.2), from `info --json`.
+    pub fn unsealed_sectors(&self, container: &Path) -> u64 {
+        self.info_json(container)["unsealed_sectors"]
             .as_u64()
             .expect("info --json has unsealed_sectors")
     }
