@@ -51,6 +51,8 @@ pub(crate) struct Header {
     pub rekeying: bool,
     /// Bit i: key slot i awaits activation after a rekey (FORMAT.md §7.4).
     pub pending: u8,
+    /// Store pages of the fsync log (FORMAT.md §5); 0 before version 3.
+    pub fsync_log_pages: u64,
 }
 
 /// Why a header copy cannot be used.
@@ -109,6 +111,8 @@ impl Header {
         }
         put_u32(&mut b, H_FLAGS, flags);
         b[H_PENDING_SLOTS] = self.pending;
+        let log_pages = u16::try_from(self.fsync_log_pages).expect("checked at decode and create");
+        b[H_FSYNC_LOG_PAGES..H_FSYNC_LOG_PAGES + 2].copy_from_slice(&log_pages.to_le_bytes());
         put_u64(&mut b, H_DATA_OFFSET, DATA_OFFSET);
         put_u64(&mut b, H_CAPACITY, self.capacity);
         put_u64(&mut b, H_EXTENT, self.extent);
@@ -177,7 +181,15 @@ impl Header {
             },
             rekeying: flags & FLAG_REKEY != 0,
             pending: b[H_PENDING_SLOTS],
+            // Reserved (zero) before version 3.
+            fsync_log_pages: u64::from(u16::from_le_bytes([
+                b[H_FSYNC_LOG_PAGES],
+                b[H_FSYNC_LOG_PAGES + 1],
+            ])),
         };
+        if version < 3 && header.fsync_log_pages != 0 {
+            return Err("non-zero reserved bytes".into());
+        }
         let known = FLAG_FIXED_SIZE | FLAG_REKEY;
         if flags & !known != 0 || (flags & FLAG_FIXED_SIZE != 0) != header.fixed() {
             return Err(format!("flags {flags:#x} disagree with the capacity"));
@@ -191,6 +203,12 @@ impl Header {
     }
 
     fn check_ranges(&self) -> Result<(), String> {
+        if self.fixed() && self.capacity < MIN_FIXED_SECTORS + self.fsync_log_pages {
+            return Err(format!(
+                "fsync log of {} pages does not fit the capacity {}",
+                self.fsync_log_pages, self.capacity
+            ));
+        }
         if self.store_len > MAX_STORE_LEN {
             return Err(format!("store length {} is out of range", self.store_len));
         }
@@ -461,6 +479,7 @@ mod tests {
             unsealed: vec![(2, 3)],
             rekeying: false,
             pending: 0,
+            fsync_log_pages: 0,
         }
     }
 
@@ -555,10 +574,10 @@ mod tests {
             Choice::NotAContainer
         ));
         let mut future = h.encode(0, &mac);
-        future[H_VERSION] = 3;
+        future[H_VERSION] = 4;
         assert!(matches!(
             Copies::parse(&future).choose(),
-            Choice::UnsupportedVersion(3)
+            Choice::UnsupportedVersion(4)
         ));
     }
 

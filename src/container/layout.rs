@@ -29,8 +29,9 @@ pub const DATA_OFFSET: u64 = 65536;
 pub const MAGIC: &[u8; 8] = b"KEYBOUND";
 
 /// The format version this build writes. Version 1 (no unsealed ranges)
-/// is read too: it is version 2 with an empty list.
-pub const FORMAT_VERSION: u16 = 2;
+/// is read too: it is version 2 with an empty list; version 2 is version 3
+/// without an fsync log.
+pub const FORMAT_VERSION: u16 = 3;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u16 = 1;
@@ -51,7 +52,8 @@ pub const H_EXTENT: usize = 64; // u64: sectors 0..extent sealed at least once
 pub const H_SEAL_RESERVE: usize = 72; // u64: seal budget reserved
 pub const H_KEY_EPOCH: usize = 80; // u32
 pub const H_PENDING_SLOTS: usize = 84; // u8: bit i = slot i awaits activation after a rekey
-pub const H_RESERVED_2: std::ops::Range<usize> = 85..88; // zero
+pub const H_RESERVED_2: std::ops::Range<usize> = 85..86; // zero
+pub const H_FSYNC_LOG_PAGES: usize = 86; // u16: store pages 1..=n hold the fsync log (version 3)
 pub const H_STORE_LEN: usize = 88; // u64: redb's logical length
 pub const H_POLICY: usize = 96; // 32 bytes, see P_*
 pub const H_SLOTS: usize = 128; // SLOT_COUNT × SLOT_SIZE
@@ -177,6 +179,14 @@ pub const SEAL_LIMIT: u64 = crate::crypto::RANDOM_NONCE_SEAL_LIMIT - SEAL_RESERV
 /// Largest logical store length accepted (1 PiB): far beyond any real vault,
 /// small enough that no offset arithmetic can overflow.
 pub const MAX_STORE_LEN: u64 = 1 << 50;
+
+/// Store pages of the fsync log a new vault gets (1 MiB): store pages
+/// `1..=FSYNC_LOG_PAGES`, between redb's page 0 and its page 1 (FORMAT.md §5).
+pub const FSYNC_LOG_PAGES: u64 = 256;
+
+/// A fixed-size container smaller than this (in sectors) gets no fsync log:
+/// the log would take a large share of it.
+pub const MIN_SECTORS_FOR_FSYNC_LOG: u64 = 16 * FSYNC_LOG_PAGES;
 
 /// Largest sector count: enough sectors for [`MAX_STORE_LEN`].
 pub const MAX_SECTORS: u64 = MAX_STORE_LEN / SECTOR_SIZE as u64 + 2;

@@ -91,6 +91,10 @@ pub struct CreateOptions {
     /// Total file size in bytes for a preallocated container (rounded down
     /// to whole sectors); `None` for one that grows as it is written.
     pub fixed_size: Option<u64>,
+    /// Give the vault an fsync log (FORMAT.md §5): [`FSYNC_LOG_PAGES`] store
+    /// pages, unless it is a fixed-size container smaller than
+    /// [`MIN_SECTORS_FOR_FSYNC_LOG`]. Without one, every fsync is a commit.
+    pub fsync_log: bool,
 }
 
 /// Which header copy is in use.
@@ -130,6 +134,8 @@ pub struct HeaderInfo {
     pub rekey_in_progress: Option<RekeyInfo>,
     /// Key slots carried over by a rotation, awaiting activation.
     pub pending_slots: Vec<u8>,
+    /// Store pages of the fsync log (FORMAT.md §5); 0: every fsync commits.
+    pub fsync_log_pages: u64,
 }
 
 /// Where an interrupted rotation stands (FORMAT.md §7), for `keybound info`.
@@ -229,6 +235,12 @@ impl Container {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Container, ContainerError> {
         let capacity = opts.fixed_size.map(capacity_for).transpose()?.unwrap_or(0);
+        let roomy = capacity == 0 || capacity >= MIN_SECTORS_FOR_FSYNC_LOG;
+        let fsync_log_pages = if opts.fsync_log && roomy {
+            FSYNC_LOG_PAGES
+        } else {
+            0
+        };
         // Encoding checks the slot (index, label, keys) before any file exists.
         let first_bytes = slot::encode(&opts.id, &first, mk, now_unix())?;
         let mut slots = Vec::with_capacity(SLOT_COUNT * SLOT_SIZE);
@@ -255,6 +267,7 @@ impl Container {
             unsealed: Vec::new(),
             rekeying: false,
             pending: 0,
+            fsync_log_pages,
         };
         let mac = mac_for(mk, &opts.id)?;
 
@@ -600,6 +613,7 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
         },
         other_copy_damaged: !other_valid,
         key_epoch: header.epoch,
+        fsync_log_pages: header.fsync_log_pages,
         seal_budget_reserved: header.seal_reserve,
         policy: header.policy,
         slots: header.slot_infos(),

@@ -819,6 +819,7 @@ mod tests {
         let opts = CreateOptions {
             id: new_container_id().unwrap(),
             fixed_size: None,
+            fsync_log: false,
         };
         let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
         let store = c.into_store(mk).unwrap();

@@ -169,6 +169,9 @@ pub struct SectorStore {
     read_only: bool,
     /// Fixed size in physical sectors, for preallocated containers.
     capacity: Option<u64>,
+    /// Store pages `1..=fsync_log_pages` hold the fsync log; redb sees the
+    /// store without them (its page k > 0 is store page k + fsync_log_pages).
+    fsync_log_pages: u64,
     cipher: SectorCipher,
     live: RwLock<Live>,
     cache: Mutex<SectorCache>,
@@ -235,6 +238,7 @@ impl SectorStore {
             id: h.id,
             epoch: h.epoch,
             capacity: h.fixed().then_some(h.capacity),
+            fsync_log_pages: h.fsync_log_pages,
             path: parts.path,
             file: parts.file,
             read_only: parts.read_only,
@@ -279,10 +283,11 @@ impl SectorStore {
             .unwrap_or_default()
     }
 
-    /// The most bytes the store can hold, for a fixed-size container; `None`
+    /// The most bytes redb can hold, for a fixed-size container; `None`
     /// when it grows with the host filesystem.
     pub fn capacity(&self) -> Option<u64> {
-        self.capacity.map(|cap| (cap - 1) * S)
+        self.capacity
+            .map(|cap| (cap - 1 - self.fsync_log_pages) * S)
     }
 
     /// Bytes of the store that are backed by sealed sectors (the extent, as
@@ -326,6 +331,106 @@ impl SectorStore {
 
     fn meta(&self) -> io::Result<MutexGuard<'_, Meta>> {
         self.meta.lock().map_err(|_| poisoned())
+    }
+
+    // ------------------------------------------------- the fsync log ----
+
+    /// Store pages the fsync log has (0: none).
+    pub fn fsync_log_pages(&self) -> u64 {
+        self.fsync_log_pages
+    }
+
+    /// Where redb's byte `offset` lies in the store: past the log, except
+    /// within redb's page 0.
+    fn store_offset(&self, redb_offset: u64) -> u64 {
+        if redb_offset < S {
+            redb_offset
+        } else {
+            redb_offset + self.fsync_log_pages * S
+        }
+    }
+
+    /// The store length for redb's length `len`.
+    fn store_len_for(&self, len: u64) -> u64 {
+        if len <= S {
+            len
+        } else {
+            len + self.fsync_log_pages * S
+        }
+    }
+
+    fn redb_len(&self, store_len: u64) -> u64 {
+        if store_len <= S {
+            store_len
+        } else {
+            store_len.saturating_sub(self.fsync_log_pages * S).max(S)
+        }
+    }
+
+    /// Runs `f(store offset, range of the buffer)` for the part of redb's
+    /// `offset..offset + len` in its page 0 and for the part after it, which
+    /// lie apart in the store when there is a log.
+    fn in_store_pieces(
+        &self,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset.saturating_add(len as u64);
+        if offset < S && end > S && self.fsync_log_pages > 0 {
+            let split = (S - offset) as usize;
+            f(offset, 0..split)?;
+            return f(self.store_offset(S), split..len);
+        }
+        f(self.store_offset(offset), 0..len)
+    }
+
+    /// Reads page `index` of the fsync log. `Ok(false)` (and zeros in `out`)
+    /// when it fails authentication: that is what a crash in the middle of
+    /// an append leaves, so it is not counted as damage.
+    pub fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
+        let page = self.fsync_log_page(index, out.len())?;
+        let live = self.live_read()?;
+        if !Self::present(&live, page) {
+            out.fill(0);
+            return Ok(true);
+        }
+        if self.cache()?.get(page, out) {
+            return Ok(true);
+        }
+        let mut frame = [[0u8; NONCE_LEN + TAG_LEN]];
+        self.read_sealed_into(page + 1, out, &mut frame)?;
+        let (nonce, tag) = frame[0].split_at(NONCE_LEN);
+        if self.open_parts(page + 1, nonce, out, tag) {
+            Ok(true)
+        } else {
+            out.fill(0);
+            Ok(false)
+        }
+    }
+
+    /// Writes whole pages of the fsync log from page `index` on. Durable
+    /// after the next `sync_data`.
+    pub fn write_fsync_log(&self, index: u64, pages: &[u8]) -> io::Result<()> {
+        let count = pages.len() / SECTOR_SIZE;
+        if !pages.len().is_multiple_of(SECTOR_SIZE) || index + count as u64 > self.fsync_log_pages {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a write past the end of the fsync log",
+            ));
+        }
+        let _change = self.gate.change();
+        self.write_impl((1 + index) * S, pages)
+    }
+
+    fn fsync_log_page(&self, index: u64, len: usize) -> io::Result<u64> {
+        if index >= self.fsync_log_pages || len != SECTOR_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a read past the end of the fsync log",
+            ));
+        }
+        Ok(1 + index)
     }
 
     // ------------------------------------------------------ sealing ----
@@ -1300,13 +1405,17 @@ fn cache_limit(requested: usize) -> usize {
     }
 }
 
+/// redb's view of the store: the store without the fsync log's pages, which
+/// lie between redb's page 0 and its page 1 (FORMAT.md §5).
 impl redb::StorageBackend for SectorStore {
     fn len(&self) -> Result<u64, io::Error> {
-        Ok(self.live_read()?.store_len)
+        Ok(self.redb_len(self.live_read()?.store_len))
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.read_impl(offset, out)
+        self.in_store_pieces(offset, out.len(), |at, range| {
+            self.read_impl(at, &mut out[range])
+        })
     }
 
     // Each change to the file passes the freeze gate once, here at the entry
@@ -1314,7 +1423,7 @@ impl redb::StorageBackend for SectorStore {
     // freeze that waits for the first to finish).
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         let _change = self.gate.change();
-        self.set_len_impl(len)
+        self.set_len_impl(self.store_len_for(len))
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
@@ -1324,7 +1433,9 @@ impl redb::StorageBackend for SectorStore {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         let _change = self.gate.change();
-        self.write_impl(offset, data)
+        self.in_store_pieces(offset, data.len(), |at, range| {
+            self.write_impl(at, &data[range])
+        })
     }
 
     fn close(&self) -> Result<(), io::Error> {

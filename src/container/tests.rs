@@ -52,6 +52,7 @@ fn create_vault(fixed_size: Option<u64>) -> Vault {
     let opts = CreateOptions {
         id: new_container_id().unwrap(),
         fixed_size,
+        fsync_log: false,
     };
     Container::create(&path, &opts, &mk, token_slot(0, kek(1)), &mut |_, _| {}).unwrap();
     Vault { _dir: dir, path }
@@ -356,12 +357,12 @@ fn not_a_container_and_future_versions_are_refused() {
 
     let v = create_vault(None);
     for copy in [0, 1] {
-        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 2 ^ 3);
+        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 3 ^ 4);
         fix_checksum(&v.path, copy);
     }
     let err = Container::inspect(&v.path).unwrap_err();
     assert!(
-        matches!(err, ContainerError::UnsupportedVersion { version: 3, .. }),
+        matches!(err, ContainerError::UnsupportedVersion { version: 4, .. }),
         "{err}"
     );
 }
@@ -572,6 +573,7 @@ fn create_never_overwrites() {
     let opts = CreateOptions {
         id: [1; 16],
         fixed_size: None,
+        fsync_log: false,
     };
     let err =
         Container::create(&v.path, &opts, &mk, token_slot(0, kek(1)), &mut |_, _| {}).unwrap_err();
@@ -592,6 +594,7 @@ fn create_never_overwrites() {
     let opts = CreateOptions {
         id: [1; 16],
         fixed_size: Some(100_000),
+        fsync_log: false,
     };
     assert!(matches!(
         Container::create(&other, &opts, &mk, token_slot(0, kek(1)), &mut |_, _| {}),
@@ -609,6 +612,7 @@ fn fixed_size_is_preallocated_and_never_grows() {
     let opts = CreateOptions {
         id: new_container_id().unwrap(),
         fixed_size: Some(requested),
+        fsync_log: false,
     };
     let mut calls = Vec::new();
     Container::create(&path, &opts, &mk, token_slot(0, kek(1)), &mut |d, t| {
@@ -1377,4 +1381,95 @@ fn header_macs_and_the_sector_scan() {
         after[at as usize] ^= 0x40;
     }
     assert_eq!(after, before, "a read-only scan wrote to the file");
+}
+
+fn create_vault_with_log() -> Vault {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.kb");
+    let mk = MasterKey::generate().unwrap();
+    let opts = CreateOptions {
+        id: new_container_id().unwrap(),
+        fixed_size: None,
+        fsync_log: true,
+    };
+    Container::create(&path, &opts, &mk, token_slot(0, kek(1)), &mut |_, _| {}).unwrap();
+    Vault { _dir: dir, path }
+}
+
+#[test]
+fn the_fsync_log_lies_between_redbs_page_0_and_its_page_1() {
+    let v = create_vault_with_log();
+    let store = unlock(&v.path, Access::ReadWrite);
+    let log = store.fsync_log_pages();
+    assert_eq!(log, FSYNC_LOG_PAGES);
+    // redb sees its own bytes only: page 1 of redb is store page 1 + log, sector 2 + log.
+    store.set_len(3 * 4096).unwrap();
+    assert_eq!(store.len().unwrap(), 3 * 4096);
+    // A write across redb's page 0 and page 1 lands in both places.
+    let data = pattern(8192, 3);
+    store.write(0, &data[..320]).unwrap();
+    store.write(4096, &data[4096..]).unwrap();
+    store.write_fsync_log(0, &pattern(2 * 4096, 9)).unwrap();
+    let mut out = vec![0u8; 4096 + 100];
+    store.read(0, &mut out).unwrap();
+    assert_eq!(&out[..320], &data[..320]);
+    assert_eq!(&out[4096..], &data[4096..4196]);
+    store.sync_data().unwrap();
+    drop(store);
+
+    let store = unlock(&v.path, Access::ReadWrite);
+    let mut page = vec![0u8; 4096];
+    assert!(store.read_fsync_log_page(1, &mut page).unwrap());
+    assert_eq!(page, pattern(2 * 4096, 9)[4096..]);
+    // A page never written reads as zeros.
+    assert!(store.read_fsync_log_page(200, &mut page).unwrap());
+    assert!(page.iter().all(|&b| b == 0));
+    // Past the log's end: refused.
+    assert!(store.read_fsync_log_page(log, &mut page).is_err());
+    assert!(store.write_fsync_log(log - 1, &[0u8; 8192]).is_err());
+    // redb's page 1 is sector 2 + log: damage there fails redb's read, not the log's.
+    drop(store);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&v.path)
+        .unwrap();
+    let mut s = vec![0u8; SEALED_SECTOR_SIZE];
+    f.read_exact_at(&mut s, sector_offset(2 + log)).unwrap();
+    s[100] ^= 1;
+    f.write_all_at(&s, sector_offset(2 + log)).unwrap();
+    drop(f);
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.read(4096, &mut page).unwrap();
+    assert_eq!(store.damaged_sectors(), vec![2 + log]);
+}
+
+#[test]
+fn a_torn_log_page_reads_as_torn_without_counting_as_damage() {
+    let v = create_vault_with_log();
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.set_len(3 * 4096).unwrap();
+    store.write(4096, &pattern(4096, 1)).unwrap();
+    store.write_fsync_log(0, &pattern(3 * 4096, 4)).unwrap();
+    store.sync_data().unwrap();
+    drop(store);
+    // Log page 1 is store page 2, sector 3: tear it.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&v.path)
+        .unwrap();
+    f.write_all_at(&[0x55; 2000], sector_offset(3) + 1000)
+        .unwrap();
+    drop(f);
+    let store = unlock(&v.path, Access::ReadWrite);
+    let mut page = vec![1u8; 4096];
+    assert!(!store.read_fsync_log_page(1, &mut page).unwrap());
+    assert!(page.iter().all(|&b| b == 0), "a torn page leaked bytes");
+    assert!(store.read_fsync_log_page(2, &mut page).unwrap());
+    assert_eq!(page, pattern(3 * 4096, 4)[8192..]);
+    assert_eq!(store.damaged_reads(), 0);
+    // Rewritten, it reads again.
+    store.write_fsync_log(1, &[0u8; 4096]).unwrap();
+    assert!(store.read_fsync_log_page(1, &mut page).unwrap());
 }

@@ -47,6 +47,10 @@ pub enum FsError {
     /// The embedded store reported an error.
     #[error("store error: {0}")]
     Store(String),
+    /// A read-only open met records in the fsync log: the vault was not closed cleanly, and
+    /// only a read-write open can apply them.
+    #[error("the vault was not closed cleanly; a read-write open must replay its fsync log first")]
+    Unreplayed,
     /// A record did not decode.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -73,7 +77,9 @@ impl FsError {
             Self::NotSupported => libc::EOPNOTSUPP,
             Self::BadHandle => libc::EBADF,
             Self::TooManyLinks => libc::EMLINK,
-            Self::Damaged | Self::Failed | Self::Store(_) | Self::Corrupt(_) => libc::EIO,
+            Self::Damaged | Self::Failed | Self::Store(_) | Self::Corrupt(_) | Self::Unreplayed => {
+                libc::EIO
+            }
         }
     }
 

@@ -23,6 +23,7 @@ mod check;
 mod data;
 mod dir;
 mod error;
+mod fsync_log;
 mod node;
 mod schema;
 mod store;
@@ -76,6 +77,20 @@ pub trait Storage: redb::StorageBackend {
     /// seals zeros into sectors it left unsealed); returns whether any is left.
     fn work_while_idle(&self, _max_sectors: u64) -> std::io::Result<bool> {
         Ok(false)
+    }
+    /// Pages of the fsync log ([`fsync_log`]) beside redb's store; 0: none, and every fsync
+    /// is a commit.
+    fn fsync_log_pages(&self) -> u64 {
+        0
+    }
+    /// Reads page `index` of the fsync log into `out` (4096 bytes); `Ok(false)`, with zeros,
+    /// when the page fails authentication (a crash tore it), which is not counted as damage.
+    fn read_fsync_log_page(&self, _index: u64, _out: &mut [u8]) -> std::io::Result<bool> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Writes whole pages of the fsync log from page `index` on; durable after `sync_data`.
+    fn write_fsync_log(&self, _index: u64, _pages: &[u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -164,6 +179,26 @@ pub(crate) enum Mode {
     Write,
 }
 
+/// Where the fsync log ([`fsync_log`]) stands.
+#[derive(Debug, Default)]
+struct LogState {
+    /// Pages of the log; 0: there is none, every fsync commits.
+    pages: u64,
+    /// The epoch records are appended under: the one the last commit wrote.
+    epoch: u64,
+    /// The next free page and the next record number in this epoch.
+    next_page: u64,
+    next_seq: u64,
+    /// The next commit must start a new epoch: something was appended in this one (or an
+    /// append was tried, or a replay found records or torn pages).
+    needs_new_epoch: bool,
+    /// False after a failed append until a commit starts a new epoch: the log may hold part of
+    /// a record there, which a later record must never be read as the rest of.
+    usable: bool,
+    /// A replay is running (a reopen within it must not start another).
+    replaying: bool,
+}
+
 struct DirHandle {
     ino: u64,
     entries: Option<Vec<DirEntry>>,
@@ -208,6 +243,8 @@ pub struct Fs {
     next_fh: u64,
     /// Some(true): no inode has an xattr (cleared by setxattr and every reopen).
     no_xattrs: Option<bool>,
+    /// Where the fsync log stands.
+    log: LogState,
 }
 
 impl std::fmt::Debug for Fs {
@@ -242,7 +279,9 @@ impl Fs {
             dirs: HashMap::new(),
             next_fh: 1,
             no_xattrs: None,
+            log: LogState::default(),
         };
+        fs.log.pages = fs.backend.storage.fsync_log_pages();
         fs.open_db_checked()?;
         Ok(fs)
     }
@@ -299,6 +338,8 @@ impl Fs {
             tx.put_superblock(&fs.sb)
         })?;
         fs.commit()?;
+        // A new store has no epoch recorded: the first is 1 (see `Txn::log_epoch`).
+        fs.log.start_epoch(1);
         Ok(fs)
     }
 
@@ -310,7 +351,10 @@ impl Fs {
             tx.superblock()?
                 .ok_or_else(|| FsError::Corrupt("no superblock: not a keybound filesystem".into()))
         })?;
-        if !read_only {
+        if read_only {
+            fs.refuse_unreplayed_log()?;
+        } else {
+            fs.replay_fsync_log()?;
             fs.purge_orphans();
             fs.commit()?;
         }
@@ -372,10 +416,14 @@ impl Fs {
             return Err(FsError::Failed);
         };
         let sb = self.sb.clone();
+        let new_epoch = self.log.needs_new_epoch.then_some(self.log.epoch + 1);
         let before = self.damaged_reads();
         let outcome = catch_unwind(AssertUnwindSafe(move || -> FsResult<()> {
             txn.begin_op();
             txn.put_superblock(&sb)?;
+            if let Some(epoch) = new_epoch {
+                txn.put_log_epoch(epoch)?;
+            }
             if let Txn::W { txn, .. } = txn {
                 txn.commit()?;
             }
@@ -384,6 +432,9 @@ impl Fs {
         let damage = self.damaged_reads() != before;
         match outcome {
             Ok(Ok(())) if !damage => {
+                if let Some(epoch) = new_epoch {
+                    self.log.start_epoch(epoch);
+                }
                 self.dirty_since = None;
                 self.previous_bytes = std::mem::take(&mut self.pending_bytes);
                 self.written_since_commit = 0;
@@ -586,6 +637,16 @@ impl Fs {
         if !self.damaged && !self.tainted {
             self.reload_superblock();
         }
+        // The transaction just lost may have had changes an fsync put in the log: they are
+        // durable, so they come back now, as they would at the next open.
+        if self.log.needs_new_epoch
+            && !self.log.replaying
+            && !self.read_only
+            && !self.damaged
+            && let Err(e) = self.replay_fsync_log()
+        {
+            self.set_damaged(&format!("replaying the fsync log failed: {e}"));
+        }
         Ok(())
     }
 
@@ -663,19 +724,34 @@ impl Fs {
             if need + SPACE_MARGIN + limit / 64 > limit {
                 return Err(FsError::NoSpace);
             }
-            let len = self.backend.storage.len().unwrap_or(0);
-            if self.dirty_since.is_some() && need > len / 8 * 7 {
-                self.commit()?;
-            }
-        } else if let Ok(free) = self.backend.storage.host_free_bytes() {
-            if free < new_bytes.saturating_mul(2) + HOST_MARGIN {
-                return Err(FsError::NoSpace);
-            }
-            if self.dirty_since.is_some() && free < self.pending_bytes * 2 + 4 * HOST_MARGIN {
-                self.commit()?;
-            }
+        } else if let Ok(free) = self.backend.storage.host_free_bytes()
+            && free < new_bytes.saturating_mul(2) + HOST_MARGIN
+        {
+            return Err(FsError::NoSpace);
+        }
+        if self.dirty_since.is_some() && self.space_is_short_for(new_bytes) {
+            self.commit()?;
         }
         Ok(())
+    }
+
+    /// Whether the open transaction, grown by `new_bytes`, may not find room at its commit:
+    /// then it commits now, while it surely can (a refused growth loses the transaction), and
+    /// an fsync commits rather than appending to the fsync log.
+    fn space_is_short_for(&self, new_bytes: u64) -> bool {
+        let need = self.est_used() + self.pending_bytes + self.previous_bytes + new_bytes;
+        if self.limit().is_some() {
+            let len = self.backend.storage.len().unwrap_or(0);
+            need > len / 8 * 7
+        } else if let Ok(free) = self.backend.storage.host_free_bytes() {
+            free < self.pending_bytes * 2 + 4 * HOST_MARGIN
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn space_is_short(&self) -> bool {
+        self.space_is_short_for(0)
     }
 
     /// Filesystem statistics: 4 KiB blocks; total and free space from the vault's capacity, or

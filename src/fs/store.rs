@@ -4,7 +4,7 @@
 //! (redb refuses to open a table twice in one write transaction). Helpers that change anything
 //! mark the transaction as mutated first, which is what the damage rule keys on.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use redb::{
@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use super::Storage;
 use super::backend::Backend;
 use super::error::{FsError, FsResult};
+use super::fsync_log::{self, Dirty, Entry, Key, Name};
 use super::schema::{
     Attr, CHUNKS, DIRENTS, FileKind, INODES, ORPHANS, SUPER, SYMLINKS, Superblock, XATTRS,
 };
@@ -40,6 +41,8 @@ pub(crate) enum Txn {
         /// The storage's damage counter when the current operation began.
         start: Cell<u64>,
         storage: Arc<dyn Storage>,
+        /// Keys changed since the last append to the fsync log, when the store has one.
+        dirty: Option<RefCell<Dirty>>,
     },
     R(ReadTransaction),
 }
@@ -66,6 +69,7 @@ impl Db {
                     mutated: Cell::new(false),
                     start: Cell::new(storage.damaged_reads()),
                     storage: storage.clone(),
+                    dirty: (storage.fsync_log_pages() > 0).then(RefCell::default),
                 }
             }
             Db::R(db) => Txn::R(db.begin_read()?),
@@ -104,6 +108,7 @@ impl Txn {
                 mutated,
                 start,
                 storage,
+                ..
             } => {
                 if !mutated.get() && storage.damaged_reads() != start.get() {
                     return Err(FsError::Damaged);
@@ -113,6 +118,20 @@ impl Txn {
             }
             Txn::R(_) => Err(FsError::ReadOnly),
         }
+    }
+
+    /// Notes that `key` changed, for the next append to the fsync log.
+    fn touch(&self, key: Key) {
+        if let Txn::W {
+            dirty: Some(dirty), ..
+        } = self
+        {
+            dirty.borrow_mut().insert(key);
+        }
+    }
+
+    fn name(name: &[u8]) -> Name {
+        Name(name.to_vec())
     }
 
     pub fn mutated(&self) -> bool {
@@ -172,12 +191,14 @@ impl Txn {
     /// Writes the attributes; true if the inode existed before.
     pub fn put_attr(&self, a: &Attr) -> FsResult<bool> {
         let w = self.w()?;
+        self.touch(Key::Inode(a.ino));
         let mut t = w.open_table(INODES)?;
         Ok(t.insert(a.ino, &a.encode()[..])?.is_some())
     }
 
     pub fn del_attr(&self, ino: u64) -> FsResult<()> {
         self.w()?.open_table(INODES)?.remove(ino)?;
+        self.touch(Key::Inode(ino));
         Ok(())
     }
 
@@ -195,6 +216,7 @@ impl Txn {
 
     pub fn put_dirent(&self, parent: u64, name: &[u8], ino: u64, kind: FileKind) -> FsResult<()> {
         let w = self.w()?;
+        self.touch(Key::Dirent(parent, Self::name(name)));
         w.open_table(DIRENTS)?
             .insert((parent, name), (ino, kind.code()))?;
         Ok(())
@@ -202,6 +224,7 @@ impl Txn {
 
     pub fn del_dirent(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.w()?.open_table(DIRENTS)?.remove((parent, name))?;
+        self.touch(Key::Dirent(parent, Self::name(name)));
         Ok(())
     }
 
@@ -286,6 +309,7 @@ impl Txn {
     /// Stores a chunk; returns the length of the value it replaced, if any.
     pub fn put_chunk(&self, ino: u64, idx: u64, data: &[u8]) -> FsResult<Option<u64>> {
         let w = self.w()?;
+        self.touch(Key::Chunk(ino, idx));
         let mut t = w.open_table(CHUNKS)?;
         Ok(t.insert((ino, idx), data)?.map(|old| len64(old.value())))
     }
@@ -296,7 +320,8 @@ impl Txn {
         let mut t = w.open_table(CHUNKS)?;
         let (mut n, mut bytes) = (0, 0);
         for e in t.extract_from_if((ino, first)..=(ino, last), |_, _| true)? {
-            let (_, v) = e?;
+            let (k, v) = e?;
+            self.touch(Key::Chunk(ino, k.value().1));
             n += 1;
             bytes += len64(v.value());
         }
@@ -319,6 +344,7 @@ impl Txn {
     /// Stores an xattr; returns the length of the value it replaced, if any.
     pub fn put_xattr(&self, ino: u64, name: &[u8], value: &[u8]) -> FsResult<Option<u64>> {
         let w = self.w()?;
+        self.touch(Key::Xattr(ino, Self::name(name)));
         let mut t = w.open_table(XATTRS)?;
         Ok(t.insert((ino, name), value)?.map(|old| len64(old.value())))
     }
@@ -326,6 +352,7 @@ impl Txn {
     /// Removes an xattr; returns the length of its value, if it existed.
     pub fn del_xattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<u64>> {
         let w = self.w()?;
+        self.touch(Key::Xattr(ino, Self::name(name)));
         let mut t = w.open_table(XATTRS)?;
         Ok(t.remove((ino, name))?.map(|old| len64(old.value())))
     }
@@ -351,6 +378,7 @@ impl Txn {
         let range = (ino, empty)..(ino.saturating_add(1), empty);
         for e in t.extract_from_if(range, |_, _| true)? {
             let (k, v) = e?;
+            self.touch(Key::Xattr(ino, Self::name(k.value().1)));
             bytes += len64(k.value().1) + len64(v.value());
         }
         Ok(bytes)
@@ -366,11 +394,13 @@ impl Txn {
 
     pub fn put_symlink(&self, ino: u64, target: &[u8]) -> FsResult<()> {
         self.w()?.open_table(SYMLINKS)?.insert(ino, target)?;
+        self.touch(Key::Symlink(ino));
         Ok(())
     }
 
     pub fn del_symlink(&self, ino: u64) -> FsResult<()> {
         self.w()?.open_table(SYMLINKS)?.remove(ino)?;
+        self.touch(Key::Symlink(ino));
         Ok(())
     }
 
@@ -388,11 +418,144 @@ impl Txn {
 
     pub fn put_orphan(&self, ino: u64) -> FsResult<()> {
         self.w()?.open_table(ORPHANS)?.insert(ino, ())?;
+        self.touch(Key::Orphan(ino));
         Ok(())
     }
 
     pub fn del_orphan(&self, ino: u64) -> FsResult<()> {
         self.w()?.open_table(ORPHANS)?.remove(ino)?;
+        self.touch(Key::Orphan(ino));
+        Ok(())
+    }
+}
+
+/// The key of the superblock table under which the fsync log's epoch is kept (the superblock
+/// itself is key 0).
+const LOG_EPOCH_KEY: u64 = 1;
+
+// The fsync log (`super::fsync_log`): what an append records and what a replay applies.
+impl Txn {
+    /// The fsync log's epoch: records of any other epoch are void. 1 until a commit retires a
+    /// log for the first time.
+    pub fn log_epoch(&self) -> FsResult<u64> {
+        read_table!(self, SUPER, |t| match t.get(LOG_EPOCH_KEY)? {
+            Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
+                FsError::Corrupt("the fsync log's epoch is not 8 bytes".into())
+            })?)),
+            None => Ok(1),
+        })
+    }
+
+    /// Sets the epoch (in the transaction: it takes effect with its commit).
+    pub fn put_log_epoch(&self, epoch: u64) -> FsResult<()> {
+        self.w()?
+            .open_table(SUPER)?
+            .insert(LOG_EPOCH_KEY, &epoch.to_le_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Whether anything changed since the last append.
+    pub fn has_unlogged_changes(&self) -> bool {
+        matches!(self, Txn::W { dirty: Some(d), .. } if !d.borrow().is_empty())
+    }
+
+    /// Forgets the changed keys: they are in the log now (or committed).
+    pub fn clear_logged(&self) {
+        if let Txn::W {
+            dirty: Some(dirty), ..
+        } = self
+        {
+            dirty.borrow_mut().clear();
+        }
+    }
+
+    /// The payload of a log record: the current value of every key changed since the last
+    /// append, and the superblock `sb`. `None` if it would exceed `limit` bytes.
+    pub fn log_payload(
+        &self,
+        sb: &Superblock,
+        limit: usize,
+    ) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+        let Txn::W {
+            dirty: Some(dirty), ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let mut out = Zeroizing::new(Vec::new());
+        fsync_log::encode_entry(&mut out, &Key::Superblock, Some(&sb.encode()));
+        for key in dirty.borrow().iter() {
+            let value = self.current_value(key)?;
+            fsync_log::encode_entry(&mut out, key, value.as_ref().map(|v| &v[..]));
+            if out.len() > limit {
+                return Ok(None);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The value stored under `key` now, encoded as the log carries it.
+    fn current_value(&self, key: &Key) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+        let bytes = |v: &[u8]| Zeroizing::new(v.to_vec());
+        Ok(match key {
+            Key::Inode(ino) => {
+                read_table!(self, INODES, |t| t.get(*ino)?.map(|v| bytes(v.value())))
+            }
+            Key::Dirent(parent, name) => {
+                read_table!(self, DIRENTS, |t| t.get((*parent, &name.0[..]))?.map(|v| {
+                    let (ino, kind) = v.value();
+                    let mut b = Zeroizing::new(ino.to_le_bytes().to_vec());
+                    b.push(kind);
+                    b
+                }))
+            }
+            Key::Chunk(ino, idx) => self.chunk(*ino, *idx)?,
+            Key::Xattr(ino, name) => self.xattr(*ino, &name.0)?,
+            Key::Symlink(ino) => self.symlink(*ino)?,
+            Key::Orphan(ino) => {
+                read_table!(self, ORPHANS, |t| t.get(*ino)?.map(|_| bytes(&[])))
+            }
+            Key::Superblock => {
+                read_table!(self, SUPER, |t| t.get(0)?.map(|v| bytes(v.value())))
+            }
+        })
+    }
+
+    /// Applies one entry of a log record: the key gets the value, or is removed.
+    pub fn apply_log_entry(&self, (key, value): &Entry) -> FsResult<()> {
+        let w = self.w()?;
+        let bad = || FsError::Corrupt("a directory entry in the fsync log is not 9 bytes".into());
+        match (key, value.as_deref()) {
+            (Key::Inode(ino), Some(v)) => drop(w.open_table(INODES)?.insert(*ino, &v[..])?),
+            (Key::Inode(ino), None) => drop(w.open_table(INODES)?.remove(*ino)?),
+            (Key::Dirent(parent, name), Some(v)) => {
+                let ino = u64::from_le_bytes(v.get(..8).ok_or_else(bad)?.try_into().unwrap());
+                let kind = *v.get(8).filter(|_| v.len() == 9).ok_or_else(bad)?;
+                drop(
+                    w.open_table(DIRENTS)?
+                        .insert((*parent, &name.0[..]), (ino, kind))?,
+                )
+            }
+            (Key::Dirent(parent, name), None) => {
+                drop(w.open_table(DIRENTS)?.remove((*parent, &name.0[..]))?)
+            }
+            (Key::Chunk(ino, idx), Some(v)) => {
+                drop(w.open_table(CHUNKS)?.insert((*ino, *idx), &v[..])?)
+            }
+            (Key::Chunk(ino, idx), None) => drop(w.open_table(CHUNKS)?.remove((*ino, *idx))?),
+            (Key::Xattr(ino, name), Some(v)) => {
+                drop(w.open_table(XATTRS)?.insert((*ino, &name.0[..]), &v[..])?)
+            }
+            (Key::Xattr(ino, name), None) => {
+                drop(w.open_table(XATTRS)?.remove((*ino, &name.0[..]))?)
+            }
+            (Key::Symlink(ino), Some(v)) => drop(w.open_table(SYMLINKS)?.insert(*ino, &v[..])?),
+            (Key::Symlink(ino), None) => drop(w.open_table(SYMLINKS)?.remove(*ino)?),
+            (Key::Orphan(ino), Some(_)) => drop(w.open_table(ORPHANS)?.insert(*ino, ())?),
+            (Key::Orphan(ino), None) => drop(w.open_table(ORPHANS)?.remove(*ino)?),
+            (Key::Superblock, Some(v)) => drop(w.open_table(SUPER)?.insert(0, &v[..])?),
+            (Key::Superblock, None) => drop(w.open_table(SUPER)?.remove(0)?),
+        }
         Ok(())
     }
 }

@@ -25,6 +25,10 @@ pub struct PlainFileStorage {
     capacity: Option<u64>,
     damaged: Mutex<Vec<Range<u64>>>,
     damaged_reads: AtomicU64,
+    /// The fsync log, in a file beside this one (`<path>.fsync-log`), and its pages that read
+    /// as torn.
+    log: Option<(File, u64)>,
+    torn: Mutex<Vec<u64>>,
 }
 
 impl PlainFileStorage {
@@ -55,7 +59,37 @@ impl PlainFileStorage {
             capacity: None,
             damaged: Mutex::new(Vec::new()),
             damaged_reads: AtomicU64::new(0),
+            log: None,
+            torn: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Gives the storage an fsync log of `pages` pages, kept in `<path>.fsync-log` (created
+    /// empty if missing, so a reopen finds what was logged).
+    pub fn with_fsync_log(mut self, pages: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.log_path())?;
+        file.set_len(pages * SECTOR)?;
+        self.log = Some((file, pages));
+        Ok(self)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".fsync-log");
+        p.into()
+    }
+
+    /// From now on, page `index` of the fsync log reads as torn (as after a crash mid-write).
+    pub fn tear_log_page(&self, index: u64) {
+        self.torn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(index);
     }
 
     /// Makes the storage fixed-size: it refuses to grow past `capacity` bytes.
@@ -116,6 +150,9 @@ impl redb::StorageBackend for PlainFileStorage {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        if let Some((log, _)) = &self.log {
+            log.sync_data()?;
+        }
         self.file.sync_data()
     }
 
@@ -141,5 +178,35 @@ impl Storage for PlainFileStorage {
             return Err(io::Error::last_os_error());
         }
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    fn fsync_log_pages(&self) -> u64 {
+        self.log.as_ref().map_or(0, |(_, pages)| *pages)
+    }
+
+    fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
+        let (file, _) = self.log.as_ref().ok_or(io::ErrorKind::Unsupported)?;
+        file.read_exact_at(out, index * SECTOR)?;
+        let torn = self
+            .torn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&index);
+        if torn {
+            out.fill(0);
+        }
+        Ok(!torn)
+    }
+
+    fn write_fsync_log(&self, index: u64, pages: &[u8]) -> io::Result<()> {
+        let (file, _) = self.log.as_ref().ok_or(io::ErrorKind::Unsupported)?;
+        file.write_all_at(pages, index * SECTOR)?;
+        let first = index;
+        let last = index + (pages.len() as u64).div_ceil(SECTOR);
+        self.torn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|p| !(first..last).contains(p));
+        Ok(())
     }
 }

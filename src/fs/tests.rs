@@ -15,6 +15,7 @@ pub(super) struct T {
     _dir: tempfile::TempDir,
     pub(super) path: std::path::PathBuf,
     storage: Arc<PlainFileStorage>,
+    log_pages: u64,
 }
 
 impl T {
@@ -23,26 +24,46 @@ impl T {
     }
 
     fn with_capacity(cap: Option<u64>) -> (Self, Fs) {
+        Self::build(cap, 0)
+    }
+
+    /// With an fsync log of `pages` pages.
+    fn with_log(pages: u64) -> (Self, Fs) {
+        Self::build(None, pages)
+    }
+
+    fn build(cap: Option<u64>, log_pages: u64) -> (Self, Fs) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vault");
-        let storage = Arc::new(PlainFileStorage::create(&path).unwrap().with_capacity(cap));
+        let mut storage = PlainFileStorage::create(&path).unwrap().with_capacity(cap);
+        if log_pages > 0 {
+            storage = storage.with_fsync_log(log_pages).unwrap();
+        }
+        let storage = Arc::new(storage);
         let fs = Fs::create(storage.clone(), 1000, 1000).unwrap();
         let t = Self {
             _dir: dir,
             path,
             storage,
+            log_pages,
         };
         (t, fs)
     }
 
     fn reopen(&mut self, read_only: bool) -> Fs {
+        self.try_reopen(read_only).unwrap()
+    }
+
+    fn try_reopen(&mut self, read_only: bool) -> FsResult<Fs> {
         let cap = redb_cap(&self.storage);
-        self.storage = Arc::new(
-            PlainFileStorage::open(&self.path)
-                .unwrap()
-                .with_capacity(cap),
-        );
-        Fs::open(self.storage.clone(), read_only).unwrap()
+        let mut storage = PlainFileStorage::open(&self.path)
+            .unwrap()
+            .with_capacity(cap);
+        if self.log_pages > 0 {
+            storage = storage.with_fsync_log(self.log_pages).unwrap();
+        }
+        self.storage = Arc::new(storage);
+        Fs::open(self.storage.clone(), read_only)
     }
 }
 
@@ -651,4 +672,169 @@ fn statfs_is_sane() {
     assert!(after.blocks >= after.bfree);
     assert_eq!(after.files - after.ffree, 2);
     assert!(before.files - before.ffree == 1);
+}
+
+// --- the fsync log ---
+
+/// Whether the store's last commit holds `name` in the root: what a read-write open would show
+/// without the log (a read-only open refuses while the log holds records).
+fn committed_has(t: &mut T, name: &str) -> bool {
+    let mut fs = t.reopen_without_log();
+    let found = fs.lookup(ROOT_INO, name.as_bytes()).is_ok();
+    drop(fs);
+    found
+}
+
+impl T {
+    /// Opens the store alone, read-only, as if it had no log: the last commit.
+    fn reopen_without_log(&mut self) -> Fs {
+        let storage = Arc::new(PlainFileStorage::open(&self.path).unwrap());
+        Fs::open(storage, true).unwrap()
+    }
+}
+
+#[test]
+fn an_fsync_goes_to_the_log_and_a_crash_keeps_it() {
+    let (mut t, mut fs) = T::with_log(64);
+    let data = pattern(11, 10_000);
+    let f = mkfile(&mut fs, ROOT_INO, "synced", &data);
+    fs.setxattr(f, b"user.k", b"v", 0).unwrap();
+    let d = fs.mkdir(ROOT_INO, b"dir", 0o755, ME).unwrap().ino;
+    fs.symlink(d, b"link", b"../synced", ME).unwrap();
+    fs.sync().unwrap();
+    // After the fsync: not committed, so only the log has it.
+    mkfile(&mut fs, ROOT_INO, "unsynced", b"lost in the crash");
+    drop(fs);
+    assert!(!committed_has(&mut t, "synced"), "the fsync committed");
+    // A read-only open cannot replay: it refuses instead of showing less than was synced.
+    assert!(matches!(t.try_reopen(true), Err(FsError::Unreplayed)));
+
+    let mut fs = t.reopen(false);
+    let f2 = fs.lookup(ROOT_INO, b"synced").unwrap().ino;
+    assert_eq!(f2, f);
+    assert_eq!(read_all(&mut fs, f), data);
+    assert_eq!(&fs.getxattr(f, b"user.k").unwrap()[..], b"v");
+    let d2 = fs.lookup(ROOT_INO, b"dir").unwrap().ino;
+    let link = fs.lookup(d2, b"link").unwrap().ino;
+    assert_eq!(&fs.readlink(link).unwrap()[..], b"../synced");
+    assert!(matches!(
+        fs.lookup(ROOT_INO, b"unsynced"),
+        Err(FsError::NotFound)
+    ));
+    // The replay was committed: the store alone has it now, and a new inode gets a new number.
+    drop(fs);
+    assert!(committed_has(&mut t, "synced"));
+    let mut fs = t.reopen(false);
+    let n = mkfile(&mut fs, ROOT_INO, "new", b"");
+    assert!(n > link, "inode {n} reused a logged number");
+    fs.close().unwrap();
+}
+
+#[test]
+fn records_replay_in_order_and_deletions_count() {
+    let (mut t, mut fs) = T::with_log(64);
+    let a = mkfile(&mut fs, ROOT_INO, "a", b"first");
+    mkfile(&mut fs, ROOT_INO, "b", b"bee");
+    fs.sync().unwrap();
+    fs.write(a, 0, b"FIRST, then more").unwrap();
+    fs.unlink(ROOT_INO, b"b").unwrap();
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"c", 0).unwrap();
+    fs.sync().unwrap();
+    drop(fs);
+    let mut fs = t.reopen(false);
+    assert_eq!(names(&mut fs, ROOT_INO), vec![".", "..", "c"]);
+    let c = fs.lookup(ROOT_INO, b"c").unwrap().ino;
+    assert_eq!(read_all(&mut fs, c), b"FIRST, then more");
+    fs.close().unwrap();
+}
+
+#[test]
+fn a_torn_record_ends_the_replay() {
+    let (mut t, mut fs) = T::with_log(64);
+    mkfile(&mut fs, ROOT_INO, "one", b"1");
+    fs.sync().unwrap();
+    // The second record starts on page 1 (the first fits on page 0).
+    mkfile(&mut fs, ROOT_INO, "two", &pattern(2, 6000));
+    fs.sync().unwrap();
+    mkfile(&mut fs, ROOT_INO, "three", b"3");
+    fs.sync().unwrap();
+    drop(fs);
+    // A crash tore the second page of record 2: that fsync never returned, and nothing after
+    // it counts either.
+    let storage = PlainFileStorage::open(&t.path)
+        .unwrap()
+        .with_fsync_log(64)
+        .unwrap();
+    storage.tear_log_page(2);
+    t.storage = Arc::new(storage);
+    let mut fs = Fs::open(t.storage.clone(), false).unwrap();
+    assert_eq!(names(&mut fs, ROOT_INO), vec![".", "..", "one"]);
+    // The torn page was rewritten: it reads again.
+    let mut page = vec![0u8; 4096];
+    assert!(t.storage.read_fsync_log_page(2, &mut page).unwrap());
+    fs.close().unwrap();
+}
+
+#[test]
+fn a_commit_retires_the_records_before_it() {
+    let (mut t, mut fs) = T::with_log(64);
+    mkfile(&mut fs, ROOT_INO, "gone", b"g");
+    fs.sync().unwrap();
+    fs.commit().unwrap();
+    fs.unlink(ROOT_INO, b"gone").unwrap();
+    fs.commit().unwrap();
+    drop(fs);
+    // The record that created "gone" is still on its page, but of an old epoch.
+    let mut fs = t.reopen(false);
+    assert!(matches!(
+        fs.lookup(ROOT_INO, b"gone"),
+        Err(FsError::NotFound)
+    ));
+    fs.close().unwrap();
+    let fs = t.reopen(true);
+    fs.close().unwrap();
+}
+
+#[test]
+fn an_fsync_that_does_not_fit_the_log_commits() {
+    let (mut t, mut fs) = T::with_log(4);
+    mkfile(&mut fs, ROOT_INO, "big", &pattern(5, 100_000));
+    fs.sync().unwrap();
+    assert!(
+        !fs.is_dirty(),
+        "an fsync larger than the log did not commit"
+    );
+    drop(fs);
+    assert!(committed_has(&mut t, "big"));
+    // A log that fills up: each fsync appends until one no longer fits, which commits.
+    let mut fs = t.reopen(false);
+    for i in 0..6 {
+        mkfile(&mut fs, ROOT_INO, &format!("f{i}"), &pattern(i, 3000));
+        fs.sync().unwrap();
+    }
+    drop(fs);
+    let mut fs = t.reopen(false);
+    for i in 0..6 {
+        let ino = fs.lookup(ROOT_INO, format!("f{i}").as_bytes()).unwrap().ino;
+        assert_eq!(read_all(&mut fs, ino), pattern(i, 3000));
+    }
+    fs.close().unwrap();
+}
+
+#[test]
+fn an_orphan_logged_at_fsync_is_purged_after_the_crash() {
+    let (mut t, mut fs) = T::with_log(64);
+    let f = mkfile(&mut fs, ROOT_INO, "open", &pattern(9, 5000));
+    fs.open_file(f).unwrap();
+    fs.unlink(ROOT_INO, b"open").unwrap();
+    fs.sync().unwrap();
+    drop(fs);
+    let mut fs = t.reopen(false);
+    assert!(matches!(fs.getattr(f), Err(FsError::NotFound)));
+    assert_eq!(
+        fs.statfs().files - fs.statfs().ffree,
+        1,
+        "only the root is left"
+    );
+    fs.close().unwrap();
 }

@@ -401,7 +401,7 @@ impl Filesystem for Adapter {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
-        self.empty(reply, Fs::commit);
+        self.empty(reply, Fs::sync);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -498,7 +498,7 @@ impl Filesystem for Adapter {
         _ds: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, Fs::commit);
+        self.empty(reply, Fs::sync);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -148,6 +148,7 @@ pub fn create(
     let options = CreateOptions {
         id,
         fixed_size: req.fixed_size,
+        fsync_log: true,
     };
     let container = Container::create(req.vault, &options, &master_key, slot, progress)?;
     let header = container.info().clone();

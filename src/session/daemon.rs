@@ -84,6 +84,9 @@ pub fn serve(
                 vault: vault.clone(),
             }
         }
+        FsError::Unreplayed => SessionError::NeedsRecovery {
+            vault: vault.clone(),
+        },
         other => SessionError::Filesystem {
             vault: vault.clone(),
             detail: other.to_string(),

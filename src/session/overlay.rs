@@ -30,6 +30,14 @@ pub(crate) trait OverlayBase: redb::StorageBackend {
     fn damaged_reads(&self) -> u64;
     /// The store's capacity in bytes, for a fixed-size vault.
     fn capacity(&self) -> Option<u64>;
+    /// Pages of the fsync log beside redb's store.
+    fn fsync_log_pages(&self) -> u64 {
+        0
+    }
+    /// Reads a page of the fsync log (see [`crate::fs::Storage::read_fsync_log_page`]).
+    fn read_fsync_log_page(&self, _index: u64, _out: &mut [u8]) -> io::Result<bool> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl OverlayBase for SectorStore {
@@ -39,6 +47,14 @@ impl OverlayBase for SectorStore {
 
     fn capacity(&self) -> Option<u64> {
         SectorStore::capacity(self)
+    }
+
+    fn fsync_log_pages(&self) -> u64 {
+        SectorStore::fsync_log_pages(self)
+    }
+
+    fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
+        SectorStore::read_fsync_log_page(self, index, out)
     }
 }
 
@@ -290,6 +306,20 @@ impl<B: OverlayBase> crate::fs::Storage for CowStorage<B> {
     /// Nothing is written to the host, so its free space does not matter.
     fn host_free_bytes(&self) -> io::Result<u64> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// The log is read from the base, so the check sees what the next mount will replay.
+    fn fsync_log_pages(&self) -> u64 {
+        self.base.fsync_log_pages()
+    }
+
+    fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
+        self.base.read_fsync_log_page(index, out)
+    }
+
+    /// Nothing reaches the file: the replay's rewrite of torn pages is left to the next mount.
+    fn write_fsync_log(&self, _index: u64, _pages: &[u8]) -> io::Result<()> {
+        Ok(())
     }
 }
 

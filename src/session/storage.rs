@@ -65,6 +65,18 @@ impl crate::fs::Storage for EncryptedStorage {
     fn work_while_idle(&self, max_sectors: u64) -> io::Result<bool> {
         self.store.seal_unsealed(max_sectors)
     }
+
+    fn fsync_log_pages(&self) -> u64 {
+        self.store.fsync_log_pages()
+    }
+
+    fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
+        self.store.read_fsync_log_page(index, out)
+    }
+
+    fn write_fsync_log(&self, index: u64, pages: &[u8]) -> io::Result<()> {
+        self.store.write_fsync_log(index, pages)
+    }
 }
 
 /// Bytes an unprivileged user may still write on the filesystem holding `path`.
