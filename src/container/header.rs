@@ -51,7 +51,7 @@ pub(crate) struct Header {
     pub rekeying: bool,
     /// Bit i: key slot i awaits activation after a rekey (FORMAT.md §7.4).
     pub pending: u8,
-    /// Store pages of the fsync log (FORMAT.md §5); 0 before version 3.
+    /// Store pages of the fsync log (FORMAT.md §4.9); 0 before version 3.
     pub fsync_log_pages: u64,
 }
 

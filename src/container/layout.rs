@@ -181,7 +181,7 @@ pub const SEAL_LIMIT: u64 = crate::crypto::RANDOM_NONCE_SEAL_LIMIT - SEAL_RESERV
 pub const MAX_STORE_LEN: u64 = 1 << 50;
 
 /// Store pages of the fsync log a new vault gets (1 MiB): store pages
-/// `1..=FSYNC_LOG_PAGES`, between redb's page 0 and its page 1 (FORMAT.md §5).
+/// `1..=FSYNC_LOG_PAGES`, between redb's page 0 and its page 1 (FORMAT.md §4.9).
 pub const FSYNC_LOG_PAGES: u64 = 256;
 
 /// A fixed-size container smaller than this (in sectors) gets no fsync log:

@@ -91,7 +91,7 @@ pub struct CreateOptions {
     /// Total file size in bytes for a preallocated container (rounded down
     /// to whole sectors); `None` for one that grows as it is written.
     pub fixed_size: Option<u64>,
-    /// Give the vault an fsync log (FORMAT.md §5): [`FSYNC_LOG_PAGES`] store
+    /// Give the vault an fsync log (FORMAT.md §4.9): [`FSYNC_LOG_PAGES`] store
     /// pages, unless it is a fixed-size container smaller than
     /// [`MIN_SECTORS_FOR_FSYNC_LOG`]. Without one, every fsync is a commit.
     pub fsync_log: bool,
@@ -134,7 +134,7 @@ pub struct HeaderInfo {
     pub rekey_in_progress: Option<RekeyInfo>,
     /// Key slots carried over by a rotation, awaiting activation.
     pub pending_slots: Vec<u8>,
-    /// Store pages of the fsync log (FORMAT.md §5); 0: every fsync commits.
+    /// Store pages of the fsync log (FORMAT.md §4.9); 0: every fsync commits.
     pub fsync_log_pages: u64,
 }
 

@@ -1406,7 +1406,7 @@ fn cache_limit(requested: usize) -> usize {
 }
 
 /// redb's view of the store: the store without the fsync log's pages, which
-/// lie between redb's page 0 and its page 1 (FORMAT.md §5).
+/// lie between redb's page 0 and its page 1 (FORMAT.md §4.9).
 impl redb::StorageBackend for SectorStore {
     fn len(&self) -> Result<u64, io::Error> {
         Ok(self.redb_len(self.live_read()?.store_len))

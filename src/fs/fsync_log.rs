@@ -1,4 +1,4 @@
-//! The fsync log (FORMAT.md §5): what makes an `fsync` durable without a commit.
+//! The fsync log (FORMAT.md §4.9): what makes an `fsync` durable without a commit.
 //!
 //! A durable redb commit costs two `fdatasync`s and a rewrite of every b-tree page on the path to
 //! each change. An fsync instead appends the current value of every record the open transaction

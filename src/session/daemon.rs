@@ -189,7 +189,7 @@ pub fn serve(
 /// the vault still works; only `keybound backup` of it will say it cannot.
 fn serve_control(handle: &MountHandle, gate: Arc<FreezeGate>) -> Option<control::ControlServer> {
     let committer = handle.committer();
-    // Committed and settled: the copy shows no unsealed sectors (FORMAT.md §5).
+    // Committed and settled: the copy shows no unsealed sectors (FORMAT.md §4.9).
     let commit: control::Commit = Box::new(move || {
         committer.commit().map_err(|e| e.to_string())?;
         committer.settle().map_err(|e| e.to_string())

@@ -85,7 +85,7 @@ impl DeepReport {
 }
 
 /// The physical sectors redb page range `pages` lives in, past a fsync log of `log_pages`
-/// (FORMAT.md §4.1, §5).
+/// (FORMAT.md §4.1, §4.9).
 fn sectors_of(pages: std::ops::Range<u64>, log_pages: u64) -> impl Iterator<Item = u64> {
     pages.flat_map(move |page| match page {
         0 => 0..2,
