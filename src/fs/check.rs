@@ -204,14 +204,16 @@ fn owner(
 
 impl Fs {
     /// Opens an existing filesystem for [`Fs::check`]: read-write, so that redb can replay its
-    /// last commit if the store was not closed cleanly (give it storage that keeps writes away
-    /// from the container), but without purging orphans, so the check sees them.
+    /// last commit and the fsync log its records if the store was not closed cleanly (give it
+    /// storage that keeps writes away from the container), but without purging orphans, so the
+    /// check sees them: what the next mount would see.
     pub fn open_for_check(storage: std::sync::Arc<dyn Storage>) -> FsResult<Self> {
         let mut fs = Self::new_unopened(storage, false)?;
         fs.sb = fs.run(Mode::Read, |_, tx| {
             tx.superblock()?
                 .ok_or_else(|| FsError::Corrupt("no superblock: not a keybound filesystem".into()))
         })?;
+        fs.replay_fsync_log()?;
         Ok(fs)
     }
 

@@ -838,3 +838,19 @@ fn an_orphan_logged_at_fsync_is_purged_after_the_crash() {
     );
     fs.close().unwrap();
 }
+
+#[test]
+fn the_check_sees_what_the_log_holds() {
+    let (t, mut fs) = T::with_log(64);
+    let f = mkfile(&mut fs, ROOT_INO, "synced", &pattern(4, 9000));
+    fs.sync().unwrap();
+    drop(fs);
+    let storage = PlainFileStorage::open(&t.path)
+        .unwrap()
+        .with_fsync_log(64)
+        .unwrap();
+    let mut fs = Fs::open_for_check(Arc::new(storage)).unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"synced").unwrap().ino, f);
+    let report = fs.check(&mut |_| {}).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+}
