@@ -1429,16 +1429,7 @@ fn the_fsync_log_lies_between_redbs_page_0_and_its_page_1() {
     assert!(store.write_fsync_log(log - 1, &[0u8; 8192]).is_err());
     // redb's page 1 is sector 2 + log: damage there fails redb's read, not the log's.
     drop(store);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&v.path)
-        .unwrap();
-    let mut s = vec![0u8; SEALED_SECTOR_SIZE];
-    f.read_exact_at(&mut s, sector_offset(2 + log)).unwrap();
-    s[100] ^= 1;
-    f.write_all_at(&s, sector_offset(2 + log)).unwrap();
-    drop(f);
+    xor_byte(&v.path, sector_offset(2 + log) + 100, 1);
     let store = unlock(&v.path, Access::ReadWrite);
     store.read(4096, &mut page).unwrap();
     assert_eq!(store.damaged_sectors(), vec![2 + log]);
@@ -1454,14 +1445,7 @@ fn a_torn_log_page_reads_as_torn_without_counting_as_damage() {
     store.sync_data().unwrap();
     drop(store);
     // Log page 1 is store page 2, sector 3: tear it.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&v.path)
-        .unwrap();
-    f.write_all_at(&[0x55; 2000], sector_offset(3) + 1000)
-        .unwrap();
-    drop(f);
+    xor_byte(&v.path, sector_offset(3) + 1000, 0x55);
     let store = unlock(&v.path, Access::ReadWrite);
     let mut page = vec![1u8; 4096];
     assert!(!store.read_fsync_log_page(1, &mut page).unwrap());

@@ -55,15 +55,20 @@ impl T {
     }
 
     fn try_reopen(&mut self, read_only: bool) -> FsResult<Fs> {
+        self.storage = Arc::new(self.reopened_storage());
+        Fs::open(self.storage.clone(), read_only)
+    }
+
+    /// The storage opened again, with the same capacity and log.
+    fn reopened_storage(&self) -> PlainFileStorage {
         let cap = redb_cap(&self.storage);
-        let mut storage = PlainFileStorage::open(&self.path)
+        let storage = PlainFileStorage::open(&self.path)
             .unwrap()
             .with_capacity(cap);
-        if self.log_pages > 0 {
-            storage = storage.with_fsync_log(self.log_pages).unwrap();
+        match self.log_pages {
+            0 => storage,
+            pages => storage.with_fsync_log(pages).unwrap(),
         }
-        self.storage = Arc::new(storage);
-        Fs::open(self.storage.clone(), read_only)
     }
 }
 
@@ -761,10 +766,7 @@ fn a_torn_record_ends_the_replay() {
     drop(fs);
     // A crash tore the second page of record 2: that fsync never returned, and nothing after
     // it counts either.
-    let storage = PlainFileStorage::open(&t.path)
-        .unwrap()
-        .with_fsync_log(64)
-        .unwrap();
+    let storage = t.reopened_storage();
     storage.tear_log_page(2);
     t.storage = Arc::new(storage);
     let mut fs = Fs::open(t.storage.clone(), false).unwrap();
@@ -845,11 +847,7 @@ fn the_check_sees_what_the_log_holds() {
     let f = mkfile(&mut fs, ROOT_INO, "synced", &pattern(4, 9000));
     fs.sync().unwrap();
     drop(fs);
-    let storage = PlainFileStorage::open(&t.path)
-        .unwrap()
-        .with_fsync_log(64)
-        .unwrap();
-    let mut fs = Fs::open_for_check(Arc::new(storage)).unwrap();
+    let mut fs = Fs::open_for_check(Arc::new(t.reopened_storage())).unwrap();
     assert_eq!(fs.lookup(ROOT_INO, b"synced").unwrap().ino, f);
     let report = fs.check(&mut |_| {}).unwrap();
     assert!(report.is_clean(), "{report:#?}");
