@@ -61,6 +61,54 @@ pub enum SecretError {
     LockAll { limit: u64, source: std::io::Error },
 }
 
+/// A heap buffer of plaintext, zeroed when dropped with `explicit_bzero` (at `memset` speed).
+///
+/// `zeroize::Zeroizing<Vec<u8>>` zeroes byte by byte with volatile writes, which is right for
+/// keys and too slow for file data: wiping each read reply that way was a tenth of the daemon's
+/// CPU on a long sequential read.
+#[derive(Default)]
+pub struct PlainBuf(Vec<u8>);
+
+impl PlainBuf {
+    pub fn with_capacity(n: usize) -> Self {
+        PlainBuf(Vec::with_capacity(n))
+    }
+
+    /// Appends `bytes`; never grows past the capacity given (a growth would leave a copy in
+    /// the old block for the allocator alone to wipe), so callers size it first.
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        debug_assert!(self.0.len() + bytes.len() <= self.0.capacity());
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Zero-pads to `len` bytes.
+    pub fn pad_to(&mut self, len: usize) {
+        debug_assert!(len <= self.0.capacity());
+        self.0.resize(len.max(self.0.len()), 0);
+    }
+}
+
+/// Shows the length only, never the bytes.
+impl std::fmt::Debug for PlainBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PlainBuf({} bytes)", self.0.len())
+    }
+}
+
+impl std::ops::Deref for PlainBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for PlainBuf {
+    fn drop(&mut self) {
+        // SAFETY: the vector's whole allocation is writable, and its bytes are plain `u8`.
+        unsafe { wipe_raw(self.0.as_mut_ptr(), self.0.capacity()) };
+    }
+}
+
 /// A byte count for a person: "unlimited" or whole MiB (KiB below 1 MiB).
 fn mib(bytes: u64) -> String {
     if bytes == u64::MAX {

@@ -14,6 +14,7 @@
 
 mod backup;
 mod cache;
+mod direct;
 mod error;
 mod freeze;
 mod header;

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use zeroize::{Zeroize, Zeroizing};
 
 use super::cache::SectorCache;
+use super::direct::DirectReader;
 use super::error::ContainerError;
 use super::fill_random;
 use super::freeze::FreezeGate;
@@ -194,6 +195,9 @@ pub struct SectorStore {
     /// asked to read ahead (physical sectors): see [`Self::read_ahead`].
     read_end: AtomicU64,
     read_ahead_to: AtomicU64,
+    /// Long sequential reads bypass the page cache through this (see [`DirectReader`]);
+    /// `None` where the file refuses `O_DIRECT`.
+    direct: Option<DirectReader>,
     /// Every change to the file passes here, so a backup can hold it still.
     gate: Arc<FreezeGate>,
     #[cfg(test)]
@@ -216,6 +220,30 @@ fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
+/// Copy `bytes`, found at byte `pos` of a run of sealed sectors (nonce, ciphertext, tag
+/// each), to where they belong: the ciphertexts into `dst`, the nonces and tags into `frames`.
+fn scatter_sealed(
+    mut pos: usize,
+    mut bytes: &[u8],
+    dst: &mut [u8],
+    frames: &mut [[u8; NONCE_LEN + TAG_LEN]],
+) {
+    while !bytes.is_empty() {
+        let (i, r) = (pos / SEALED_SECTOR_SIZE, pos % SEALED_SECTOR_SIZE);
+        let target: &mut [u8] = if r < NONCE_LEN {
+            &mut frames[i][r..NONCE_LEN]
+        } else if r < NONCE_LEN + SECTOR_SIZE {
+            &mut dst[i * SECTOR_SIZE + r - NONCE_LEN..(i + 1) * SECTOR_SIZE]
+        } else {
+            &mut frames[i][r - SECTOR_SIZE..]
+        };
+        let n = target.len().min(bytes.len());
+        target[..n].copy_from_slice(&bytes[..n]);
+        pos += n;
+        bytes = &bytes[n..];
+    }
+}
+
 fn poisoned() -> io::Error {
     io::Error::other("the sector store is unusable after a panic in another thread")
 }
@@ -234,6 +262,7 @@ impl SectorStore {
             nonces: Vec::new(),
             nonces_used: 0,
         };
+        let direct = DirectReader::open(&parts.file);
         let store = SectorStore {
             id: h.id,
             epoch: h.epoch,
@@ -258,6 +287,7 @@ impl SectorStore {
             unstarted: AtomicU64::new(0),
             read_end: AtomicU64::new(0),
             read_ahead_to: AtomicU64::new(0),
+            direct,
             gate: Arc::default(),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
@@ -644,7 +674,15 @@ impl SectorStore {
     fn load_run(&self, first: u64, dst: &mut [u8], cache: bool) -> io::Result<()> {
         let count = dst.len() / SECTOR_SIZE;
         let mut frames = vec![[0u8; NONCE_LEN + TAG_LEN]; count];
-        self.read_sealed_into(first + 1, dst, &mut frames)?;
+        let sequential = self.follows_last_read(first + 1, count as u64);
+        // File data read in order skips the page cache; what is cached here, or read out of
+        // order, goes through it.
+        if cache || !self.read_direct(first + 1, dst, &mut frames, sequential) {
+            if sequential {
+                self.read_ahead(first + 1, count as u64);
+            }
+            self.read_sealed_into(first + 1, dst, &mut frames)?;
+        }
         let mut authentic = vec![false; count];
         for (i, (out, frame)) in dst.chunks_mut(SECTOR_SIZE).zip(&frames).enumerate() {
             let page = first + i as u64;
@@ -667,18 +705,41 @@ impl SectorStore {
         Ok(())
     }
 
-    /// On a sequential read (this one starts where the last ended), ask the
-    /// kernel to read the next [`READ_AHEAD_SECTORS`] of the container in the
-    /// background, once the window already asked for is half used. The
-    /// kernel's own readahead of the container stays at 128 KiB here, so
-    /// without this a long read waits for the disk every few requests, with
-    /// the filesystem's lock held.
+    /// Whether a read of physical sectors `first..first + count` starts
+    /// where the last one ended; notes where this one ends.
+    fn follows_last_read(&self, first: u64, count: u64) -> bool {
+        self.read_end.swap(first + count, Ordering::AcqRel) == first
+    }
+
+    /// Read physical sectors `first..` into `dst` and `frames` as
+    /// [`Self::read_sealed_into`] does, from the direct reader's window, which
+    /// a `sequential` read may refill. False: read them buffered.
+    fn read_direct(
+        &self,
+        first: u64,
+        dst: &mut [u8],
+        frames: &mut [[u8; NONCE_LEN + TAG_LEN]],
+        sequential: bool,
+    ) -> bool {
+        let Some(direct) = &self.direct else {
+            return false;
+        };
+        let len = frames.len() * SEALED_SECTOR_SIZE;
+        direct.read(sector_offset(first), len, sequential, |at, sealed| {
+            scatter_sealed(at, sealed, dst, frames)
+        })
+    }
+
+    /// On a sequential buffered read, ask the kernel to read the next
+    /// [`READ_AHEAD_SECTORS`] of the container in the background, once the
+    /// window already asked for is half used. The kernel's own readahead of
+    /// the container stays at 128 KiB here, so without this a long read waits
+    /// for the disk every few requests, with the filesystem's lock held.
     fn read_ahead(&self, first: u64, count: u64) {
         use std::os::fd::AsRawFd;
         let end = first + count;
-        let sequential = self.read_end.swap(end, Ordering::AcqRel) == first;
         let ahead = self.read_ahead_to.load(Ordering::Acquire);
-        if !sequential || ahead >= end + READ_AHEAD_SECTORS / 2 {
+        if ahead >= end + READ_AHEAD_SECTORS / 2 {
             return;
         }
         let from = ahead.max(end);
@@ -726,7 +787,6 @@ impl SectorStore {
         }
         let want = count * SEALED_SECTOR_SIZE;
         let offset = libc::off_t::try_from(sector_offset(first)).map_err(io::Error::other)?;
-        self.read_ahead(first, count as u64);
         let n = loop {
             // SAFETY: every iovec points into `dst` or `frames`, which are
             // borrowed mutably for this call and outlive it; the count is the
@@ -751,15 +811,7 @@ impl SectorStore {
             return Ok(());
         }
         let buf = self.read_sealed(first, count as u64)?;
-        for ((slot, body), frame) in buf
-            .chunks(SEALED_SECTOR_SIZE)
-            .zip(dst.chunks_mut(SECTOR_SIZE))
-            .zip(frames.iter_mut())
-        {
-            frame[..NONCE_LEN].copy_from_slice(&slot[..NONCE_LEN]);
-            body.copy_from_slice(&slot[NONCE_LEN..NONCE_LEN + SECTOR_SIZE]);
-            frame[NONCE_LEN..].copy_from_slice(&slot[NONCE_LEN + SECTOR_SIZE..]);
-        }
+        scatter_sealed(0, &buf, dst, frames);
         Ok(())
     }
 
@@ -1118,7 +1170,11 @@ impl SectorStore {
                 return Err(e);
             }
             self.unsynced.store(true, Ordering::Release);
-            self.file.write_all_at(&buf, sector_offset(run[0].0))?;
+            let offset = sector_offset(run[0].0);
+            if let Some(direct) = &self.direct {
+                direct.forget(offset, buf.len() as u64);
+            }
+            self.file.write_all_at(&buf, offset)?;
             self.start_writeback(buf.len() as u64);
             at = end;
         }

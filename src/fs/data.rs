@@ -6,6 +6,8 @@
 
 use zeroize::Zeroizing;
 
+use crate::secrets::PlainBuf;
+
 use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
 use super::node::get;
 use super::schema::{Attr, CHUNK_PAGE, CHUNK_SIZE, FileKind, MAX_FILE_SIZE, Timespec};
@@ -81,24 +83,28 @@ impl Fs {
     }
 
     /// Reads up to `size` bytes at `offset` (short only at end of file).
-    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<Zeroizing<Vec<u8>>> {
+    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<PlainBuf> {
         self.run(Mode::Read, |_, tx| {
             let a = get(tx, ino)?;
             regular(&a)?;
             if offset >= a.size || size == 0 {
-                return Ok(Zeroizing::new(Vec::new()));
+                return Ok(PlainBuf::default());
             }
             let end = a.size.min(offset.saturating_add(u64::from(size)));
-            let mut buf = Zeroizing::new(vec![0u8; usize_of(end - offset)]);
+            let len = usize_of(end - offset);
+            // Filled in order, holes and short chunks padded with zeros: no byte is written
+            // twice.
+            let mut buf = PlainBuf::with_capacity(len);
             tx.chunks_each(ino, offset / C, (end - 1) / C, |idx, data| {
                 let cs = idx * C;
                 let lo = offset.max(cs);
                 let hi = end.min(cs + data.len() as u64);
                 if lo < hi {
-                    buf[usize_of(lo - offset)..usize_of(hi - offset)]
-                        .copy_from_slice(&data[usize_of(lo - cs)..usize_of(hi - cs)]);
+                    buf.pad_to(usize_of(lo - offset));
+                    buf.extend_from_slice(&data[usize_of(lo - cs)..usize_of(hi - cs)]);
                 }
             })?;
+            buf.pad_to(len);
             Ok(buf)
         })
     }
