@@ -69,14 +69,11 @@ struct Window {
 }
 
 impl Window {
+    /// A window with no buffer yet: a store that is never read in order allocates none.
     fn empty() -> Self {
-        let buf = vec![0u8; WINDOW_BYTES + ALIGN];
-        // Aligning within the vector keeps this free of `unsafe`: a `Vec` never moves its
-        // buffer unless it grows, and this one never does.
-        let at = buf.as_ptr().align_offset(ALIGN);
         Window {
-            buf,
-            at,
+            buf: Vec::new(),
+            at: 0,
             start: 0,
             len: 0,
         }
@@ -104,6 +101,12 @@ impl Window {
     /// Reads the window at `start` (aligned); an error leaves it empty.
     fn fill(&mut self, file: &File, start: u64) -> io::Result<()> {
         self.len = 0;
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; WINDOW_BYTES + ALIGN];
+            // Aligning within the vector keeps this free of `unsafe`: a `Vec` never moves its
+            // buffer unless it grows, and this one never does.
+            self.at = self.buf.as_ptr().align_offset(ALIGN);
+        }
         let at = self.at;
         let n = read_full(file, &mut self.buf[at..at + WINDOW_BYTES], start)?;
         self.start = start;

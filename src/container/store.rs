@@ -202,6 +202,9 @@ pub struct SectorStore {
     gate: Arc<FreezeGate>,
     #[cfg(test)]
     page0_tail_writes: AtomicU64,
+    /// Runs of sectors served by the direct reader.
+    #[cfg(test)]
+    direct_runs: AtomicU64,
 }
 
 /// Everything `Container::into_store` hands over.
@@ -291,6 +294,8 @@ impl SectorStore {
             gate: Arc::default(),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
+            #[cfg(test)]
+            direct_runs: AtomicU64::new(0),
         };
         store
             .find_page0()
@@ -725,9 +730,14 @@ impl SectorStore {
             return false;
         };
         let len = frames.len() * SEALED_SECTOR_SIZE;
-        direct.read(sector_offset(first), len, sequential, |at, sealed| {
+        let served = direct.read(sector_offset(first), len, sequential, |at, sealed| {
             scatter_sealed(at, sealed, dst, frames)
-        })
+        });
+        #[cfg(test)]
+        if served {
+            self.direct_runs.fetch_add(1, Ordering::AcqRel);
+        }
+        served
     }
 
     /// On a sequential buffered read, ask the kernel to read the next
@@ -1427,6 +1437,11 @@ impl SectorStore {
     #[cfg(test)]
     pub(crate) fn page0_tail_writes(&self) -> u64 {
         self.page0_tail_writes.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn direct_runs(&self) -> u64 {
+        self.direct_runs.load(Ordering::Acquire)
     }
 
     #[cfg(test)]

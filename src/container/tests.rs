@@ -726,6 +726,69 @@ fn flipped_bit_reads_as_zeros_and_is_counted() {
     assert_eq!(store.damaged_reads(), 1);
 }
 
+/// Reads pages `first..first + count` in runs of `run` pages, in order, as a sequential read
+/// of file data reaches the store.
+fn read_in_runs(store: &SectorStore, first: u64, count: u64, run: u64) -> Vec<u8> {
+    let mut out = vec![0u8; (count * 4096) as usize];
+    for (i, chunk) in out.chunks_mut((run * 4096) as usize).enumerate() {
+        store.read((first + i as u64 * run) * 4096, chunk).unwrap();
+    }
+    out
+}
+
+#[test]
+fn long_sequential_reads_see_every_write_and_every_damaged_sector() {
+    // 6 MiB of pages: three of the direct reader's windows.
+    const PAGES: u64 = 1536;
+    let v = create_vault(None);
+    let expected = |page: u64, version: u8| pattern(4096, (page as u8) ^ version);
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        store.set_len((PAGES + 1) * 4096).unwrap();
+        for page in 1..=PAGES {
+            store.write(page * 4096, &expected(page, 0)).unwrap();
+        }
+    }
+    // Page 700 (physical sector 701) is damaged on disk.
+    xor_byte(&v.path, sector_offset(701) + 3000, 0x20);
+    let store = unlock(&v.path, Access::ReadWrite);
+    let mut want: Vec<u8> = (1..=PAGES).flat_map(|p| expected(p, 0)).collect();
+    want[699 * 4096..700 * 4096].fill(0);
+
+    // The first half, in 16-page runs (a file chunk each), as a cold read asks.
+    let half = read_in_runs(&store, 1, PAGES / 2, 16);
+    assert!(
+        half == want[..half.len()],
+        "the first half reads back wrong"
+    );
+    assert_eq!(
+        store.damaged_reads(),
+        1,
+        "the damaged sector was not counted"
+    );
+    assert_eq!(store.damaged_sectors(), vec![701]);
+    assert!(
+        store.direct_runs() > 0,
+        "no run was read directly (does this file system refuse O_DIRECT?)"
+    );
+
+    // Rewrite runs of pages (long enough not to be cached) in the window being read, in the
+    // one read ahead, and behind.
+    for first in [770, 800, 1100, 1400, 10] {
+        let new: Vec<u8> = (first..first + 8).flat_map(|p| expected(p, 0x5a)).collect();
+        store.write(first * 4096, &new).unwrap();
+        let at = (first - 1) as usize * 4096;
+        want[at..at + new.len()].copy_from_slice(&new);
+    }
+    store.sync_data().unwrap();
+    let rest = read_in_runs(&store, PAGES / 2 + 1, PAGES / 2, 16);
+    assert!(rest == want[half.len()..], "the second half missed a write");
+    // And again from the start, in runs of 64 pages that cross the windows' edges.
+    let again = read_in_runs(&store, 1, PAGES, 64);
+    assert!(again == want, "a second pass reads back wrong");
+    assert_eq!(store.damaged_reads(), 2);
+}
+
 #[test]
 fn a_container_cut_short_while_open_fails_reads_past_the_cut_and_says_so() {
     let v = create_vault(None);
