@@ -61,30 +61,20 @@ pub enum SecretError {
     LockAll { limit: u64, source: std::io::Error },
 }
 
-/// A heap buffer of plaintext, zeroed when dropped with `explicit_bzero` (at `memset` speed).
+/// A heap buffer of plaintext (a `Vec<u8>`), zeroed when dropped with `explicit_bzero`, at
+/// `memset` speed.
 ///
 /// `zeroize::Zeroizing<Vec<u8>>` zeroes byte by byte with volatile writes, which is right for
-/// keys and too slow for file data: wiping each read reply that way was a tenth of the daemon's
-/// CPU on a long sequential read.
-#[derive(Default)]
+/// a key and too slow for file data: wiping read replies that way took a tenth of the daemon's
+/// CPU on a long sequential read, and a twentieth on an untar. The guarantee is the same: the
+/// final allocation is wiped; blocks a growing vector left behind are wiped by the binary's
+/// allocator ([`WipingAllocator`]).
+#[derive(Default, Clone)]
 pub struct PlainBuf(Vec<u8>);
 
-impl PlainBuf {
-    pub fn with_capacity(n: usize) -> Self {
-        PlainBuf(Vec::with_capacity(n))
-    }
-
-    /// Appends `bytes`; never grows past the capacity given (a growth would leave a copy in
-    /// the old block for the allocator alone to wipe), so callers size it first.
-    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
-        debug_assert!(self.0.len() + bytes.len() <= self.0.capacity());
-        self.0.extend_from_slice(bytes);
-    }
-
-    /// Zero-pads to `len` bytes.
-    pub fn pad_to(&mut self, len: usize) {
-        debug_assert!(len <= self.0.capacity());
-        self.0.resize(len.max(self.0.len()), 0);
+impl From<Vec<u8>> for PlainBuf {
+    fn from(v: Vec<u8>) -> Self {
+        PlainBuf(v)
     }
 }
 
@@ -96,9 +86,15 @@ impl std::fmt::Debug for PlainBuf {
 }
 
 impl std::ops::Deref for PlainBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
         &self.0
+    }
+}
+
+impl std::ops::DerefMut for PlainBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
     }
 }
 

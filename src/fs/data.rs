@@ -4,8 +4,6 @@
 //! hole; a chunk shorter than CHUNK_SIZE reads as zeros past its end. No chunk extends past the
 //! file size: truncation trims the last one, so a later extension reads zeros.
 
-use zeroize::Zeroizing;
-
 use crate::secrets::PlainBuf;
 
 use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
@@ -94,17 +92,17 @@ impl Fs {
             let len = usize_of(end - offset);
             // Filled in order, holes and short chunks padded with zeros: no byte is written
             // twice.
-            let mut buf = PlainBuf::with_capacity(len);
+            let mut buf = PlainBuf::from(Vec::with_capacity(len));
             tx.chunks_each(ino, offset / C, (end - 1) / C, |idx, data| {
                 let cs = idx * C;
                 let lo = offset.max(cs);
                 let hi = end.min(cs + data.len() as u64);
                 if lo < hi {
-                    buf.pad_to(usize_of(lo - offset));
+                    buf.resize(usize_of(lo - offset), 0);
                     buf.extend_from_slice(&data[usize_of(lo - cs)..usize_of(hi - cs)]);
                 }
             })?;
-            buf.pad_to(len);
+            buf.resize(len, 0);
             Ok(buf)
         })
     }
@@ -179,7 +177,7 @@ impl Fs {
             tx.put_chunk(a.ino, idx, src)?
         } else {
             let base = base.unwrap_or(&[]);
-            let mut buf = Zeroizing::new(vec![0u8; base.len().max(usize_of(hi))]);
+            let mut buf = PlainBuf::from(vec![0u8; base.len().max(usize_of(hi))]);
             buf[..base.len()].copy_from_slice(base);
             buf[usize_of(lo)..usize_of(hi)].copy_from_slice(src);
             tx.put_chunk(a.ino, idx, &buf)?

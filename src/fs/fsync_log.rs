@@ -15,7 +15,9 @@
 use std::collections::BTreeSet;
 use std::io;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
+
+use crate::secrets::PlainBuf;
 
 use super::Storage;
 use super::error::{FsError, FsResult};
@@ -75,7 +77,7 @@ impl Key {
 pub(crate) type Dirty = BTreeSet<Key>;
 
 /// One change: the key and its value now (`None`: deleted).
-pub(crate) type Entry = (Key, Option<Zeroizing<Vec<u8>>>);
+pub(crate) type Entry = (Key, Option<PlainBuf>);
 
 const DELETED: u8 = 0x80;
 
@@ -134,7 +136,7 @@ pub(crate) fn decode_entries(mut b: &[u8]) -> FsResult<Vec<Entry>> {
             None
         } else {
             let n = u32_of(&mut b).ok_or_else(bad)? as usize;
-            Some(Zeroizing::new(take(&mut b, n).ok_or_else(bad)?.to_vec()))
+            Some(PlainBuf::from(take(&mut b, n).ok_or_else(bad)?.to_vec()))
         };
         entries.push((key, value));
     }
@@ -147,10 +149,10 @@ pub(crate) fn pages_for(payload_len: usize) -> u64 {
 }
 
 /// The pages of record `seq` of `epoch`, ready to write.
-pub(crate) fn record_pages(epoch: u64, seq: u64, payload: &[u8]) -> Zeroizing<Vec<u8>> {
+pub(crate) fn record_pages(epoch: u64, seq: u64, payload: &[u8]) -> PlainBuf {
     let count = pages_for(payload.len()) as usize;
     let id: u64 = rand::random();
-    let mut pages = Zeroizing::new(vec![0u8; count * PAGE]);
+    let mut pages = PlainBuf::from(vec![0u8; count * PAGE]);
     for (i, page) in pages.chunks_mut(PAGE).enumerate() {
         let part = payload.chunks(PAYLOAD_PER_PAGE).nth(i).unwrap_or_default();
         page[P_EPOCH..P_EPOCH + 8].copy_from_slice(&epoch.to_le_bytes());
@@ -191,7 +193,7 @@ fn page_header(page: &[u8]) -> Option<PageHeader> {
 /// What a scan of the log found.
 pub(crate) struct Scan {
     /// The payloads of the current epoch's records, in order.
-    pub records: Vec<Zeroizing<Vec<u8>>>,
+    pub records: Vec<PlainBuf>,
     /// Log pages that failed authentication (torn by a crash, or damaged).
     pub torn: Vec<u64>,
 }
@@ -200,7 +202,7 @@ pub(crate) struct Scan {
 struct Partial {
     first: PageHeader,
     pages: u32,
-    payload: Zeroizing<Vec<u8>>,
+    payload: PlainBuf,
 }
 
 /// Reads the log: the records of `epoch` from page 0 on, up to the first page that is not the
@@ -212,7 +214,7 @@ pub(crate) fn scan(storage: &dyn Storage, epoch: u64, whole: bool) -> io::Result
         records: Vec::new(),
         torn: Vec::new(),
     };
-    let mut page = Zeroizing::new(vec![0u8; PAGE]);
+    let mut page = PlainBuf::from(vec![0u8; PAGE]);
     let mut partial: Option<Partial> = None;
     let mut in_records = true;
     for index in 0..pages {
@@ -242,7 +244,7 @@ fn take_page(page: &[u8], epoch: u64, partial: &mut Option<Partial>, found: &mut
             Partial {
                 first: h,
                 pages: 1,
-                payload: Zeroizing::new(payload.to_vec()),
+                payload: PlainBuf::from(payload.to_vec()),
             }
         }
         Some(mut r)

@@ -3,6 +3,7 @@
 use super::schema::{Attr, FileKind, MAX_FILE_SIZE, NAME_MAX, ROOT_INO, SYMLINK_MAX, Timespec};
 use super::store::Txn;
 use super::{Caller, Fs, FsError, FsResult, Mode, SetAttr, SetTime};
+use crate::secrets::PlainBuf;
 
 /// Space-estimate weights of metadata records (bytes).
 pub(crate) const INODE_META: u64 = 128;
@@ -167,7 +168,7 @@ impl Fs {
         )
     }
 
-    pub fn readlink(&mut self, ino: u64) -> FsResult<zeroize::Zeroizing<Vec<u8>>> {
+    pub fn readlink(&mut self, ino: u64) -> FsResult<PlainBuf> {
         self.run(Mode::Read, |_, tx| {
             if get(tx, ino)?.kind != FileKind::Symlink {
                 return Err(FsError::Invalid);

@@ -4,6 +4,7 @@
 //! (redb refuses to open a table twice in one write transaction). Helpers that change anything
 //! mark the transaction as mutated first, which is what the damage rule keys on.
 
+use crate::secrets::PlainBuf;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ use redb::{
     Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, WriteTransaction,
 };
-use zeroize::Zeroizing;
 
 use super::Storage;
 use super::backend::Backend;
@@ -255,10 +255,10 @@ impl Txn {
 
     // --- chunks ---
 
-    pub fn chunk(&self, ino: u64, idx: u64) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+    pub fn chunk(&self, ino: u64, idx: u64) -> FsResult<Option<PlainBuf>> {
         read_table!(self, CHUNKS, |t| Ok(t
             .get((ino, idx))?
-            .map(|v| Zeroizing::new(v.value().to_vec()))))
+            .map(|v| PlainBuf::from(v.value().to_vec()))))
     }
 
     /// Reads the chunk without keeping it (a probe: damage shows before anything changes).
@@ -330,10 +330,10 @@ impl Txn {
 
     // --- xattrs ---
 
-    pub fn xattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<PlainBuf>> {
         read_table!(self, XATTRS, |t| Ok(t
             .get((ino, name))?
-            .map(|v| Zeroizing::new(v.value().to_vec()))))
+            .map(|v| PlainBuf::from(v.value().to_vec()))))
     }
 
     /// Whether no inode has any xattr (an O(1) look at the table's length).
@@ -386,10 +386,10 @@ impl Txn {
 
     // --- symlinks ---
 
-    pub fn symlink(&self, ino: u64) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+    pub fn symlink(&self, ino: u64) -> FsResult<Option<PlainBuf>> {
         read_table!(self, SYMLINKS, |t| Ok(t
             .get(ino)?
-            .map(|v| Zeroizing::new(v.value().to_vec()))))
+            .map(|v| PlainBuf::from(v.value().to_vec()))))
     }
 
     pub fn put_symlink(&self, ino: u64, target: &[u8]) -> FsResult<()> {
@@ -471,18 +471,14 @@ impl Txn {
 
     /// The payload of a log record: the current value of every key changed since the last
     /// append, and the superblock `sb`. `None` if it would exceed `limit` bytes.
-    pub fn log_payload(
-        &self,
-        sb: &Superblock,
-        limit: usize,
-    ) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
+    pub fn log_payload(&self, sb: &Superblock, limit: usize) -> FsResult<Option<PlainBuf>> {
         let Txn::W {
             dirty: Some(dirty), ..
         } = self
         else {
             return Ok(None);
         };
-        let mut out = Zeroizing::new(Vec::new());
+        let mut out = PlainBuf::from(Vec::new());
         fsync_log::encode_entry(&mut out, &Key::Superblock, Some(&sb.encode()));
         for key in dirty.borrow().iter() {
             let value = self.current_value(key)?;
@@ -495,8 +491,8 @@ impl Txn {
     }
 
     /// The value stored under `key` now, encoded as the log carries it.
-    fn current_value(&self, key: &Key) -> FsResult<Option<Zeroizing<Vec<u8>>>> {
-        let bytes = |v: &[u8]| Zeroizing::new(v.to_vec());
+    fn current_value(&self, key: &Key) -> FsResult<Option<PlainBuf>> {
+        let bytes = |v: &[u8]| PlainBuf::from(v.to_vec());
         Ok(match key {
             Key::Inode(ino) => {
                 read_table!(self, INODES, |t| t.get(*ino)?.map(|v| bytes(v.value())))
@@ -504,7 +500,7 @@ impl Txn {
             Key::Dirent(parent, name) => {
                 read_table!(self, DIRENTS, |t| t.get((*parent, &name.0[..]))?.map(|v| {
                     let (ino, kind) = v.value();
-                    let mut b = Zeroizing::new(ino.to_le_bytes().to_vec());
+                    let mut b = PlainBuf::from(ino.to_le_bytes().to_vec());
                     b.push(kind);
                     b
                 }))

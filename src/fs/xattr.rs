@@ -1,11 +1,10 @@
 //! Extended attributes (user., trusted., security.; no ACLs).
 
-use zeroize::Zeroizing;
-
 use super::node::{META_OP_BYTES, get};
 use super::schema::{Timespec, XATTR_NAME_MAX, XATTR_SIZE_MAX};
 use super::xattr_flags::{CREATE, REPLACE};
 use super::{Fs, FsError, FsResult, Mode};
+use crate::secrets::PlainBuf;
 
 /// Overhead counted per xattr in space estimates.
 const XATTR_META: u64 = 48;
@@ -29,7 +28,7 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 
 impl Fs {
     /// The value of xattr `name` (ENODATA if absent).
-    pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> FsResult<Zeroizing<Vec<u8>>> {
+    pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> FsResult<PlainBuf> {
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(FsError::Range);
         }
@@ -81,10 +80,10 @@ impl Fs {
     }
 
     /// The names of all xattrs, each followed by a NUL byte (listxattr's format).
-    pub fn listxattr(&mut self, ino: u64) -> FsResult<Zeroizing<Vec<u8>>> {
+    pub fn listxattr(&mut self, ino: u64) -> FsResult<PlainBuf> {
         self.run(Mode::Read, |_, tx| {
             get(tx, ino)?;
-            let mut out = Zeroizing::new(Vec::new());
+            let mut out = PlainBuf::from(Vec::new());
             tx.list_xattrs(ino, |name, _| {
                 out.extend_from_slice(name);
                 out.push(0);

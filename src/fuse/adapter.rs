@@ -15,6 +15,7 @@ use fuser::{
 };
 
 use crate::fs::{Attr, Caller, FileKind, Fs, FsError, FsResult, SetAttr, SetTime, Timespec};
+use crate::secrets::PlainBuf;
 
 /// How long the kernel may cache attributes and entries.
 pub(crate) const TTL: Duration = Duration::from_secs(1);
@@ -147,7 +148,7 @@ impl Adapter {
         &self,
         reply: ReplyXattr,
         size: u32,
-        f: impl FnOnce(&mut Fs) -> FsResult<zeroize::Zeroizing<Vec<u8>>>,
+        f: impl FnOnce(&mut Fs) -> FsResult<PlainBuf>,
     ) {
         match self.with(f) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
