@@ -54,9 +54,9 @@ and prints one table. Must run as root (drop_caches, mounts).
 Workloads, in order, on each target:
   unlock      wall time of the mount command (FUSE targets)
   seq write   dd 1 MiB blocks of zeros, conv=fsync, median   MiB/s
-              of 3 rounds (ROUNDS), each into a new file
+              of 5 rounds (ROUNDS), each into a new file
   cold read   remount (FUSE), drop caches, dd to /dev/null,  MiB/s
-              median of 3 rounds (ROUNDS)
+              median of 5 rounds (ROUNDS)
   warm read   the same file again, right away                MiB/s
   small files N files of 4 KiB in dirs of 100, fsync each    files/s
   untar       tar -x of the Linux source tarball (already    s
@@ -207,8 +207,9 @@ rate() { awk -v n="$1" -v s="$2" -v d="$3" 'BEGIN { if (s <= 0) s = 0.001; print
 # TARGET KEY, in seconds, over the big file) ROUNDS times, print every
 # round's rate and store the median. One 1 GiB write or cold read on this VM
 # (Firecracker, free page reporting on) varies by up to 2x between runs of
-# the same code, for every target; three rounds and their spread say more.
-ROUNDS=${ROUNDS:-3}
+# the same code, for every target (even the plain disk's writes: 393, 1453
+# and 407 MiB/s in one run); five rounds and their spread say more.
+ROUNDS=${ROUNDS:-5}
 median_of_rounds() {
     local t=$1 key=$2 round=$3 i rates=()
     for ((i = 1; i <= ROUNDS; i++)); do
