@@ -88,7 +88,7 @@ impl Window {
     }
 
     fn overlaps(&self, offset: u64, len: u64) -> bool {
-        self.len > 0 && offset < self.end() && self.start < offset + len
+        self.len > 0 && ranges_meet(self.start, self.len as u64, offset, len)
     }
 
     /// The bytes from `offset` to the end of the window or `end`, whichever comes first.
@@ -226,17 +226,13 @@ impl DirectReader {
                 w.len = 0;
             }
         }
-        if let Some(start) = st.reading
-            && offset < start + WINDOW_BYTES as u64
-            && start < offset + len
-        {
+        let window_meets = |start: u64| ranges_meet(start, WINDOW_BYTES as u64, offset, len);
+        if st.reading.is_some_and(window_meets) {
             st.stale = true;
         }
-        if let Some((start, _)) = &st.request
-            && offset < start + WINDOW_BYTES as u64
-            && *start < offset + len
+        if st.request.as_ref().is_some_and(|r| window_meets(r.0))
+            && let Some((_, w)) = st.request.take()
         {
-            let (_, w) = st.request.take().expect("just matched");
             st.windows.push(w);
         }
     }
@@ -358,6 +354,11 @@ impl Shared {
             self.changed.notify_all();
         }
     }
+}
+
+/// Whether bytes `a..a + a_len` and `b..b + b_len` share any byte.
+fn ranges_meet(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    a < b + b_len && b < a + a_len
 }
 
 /// Reads until `buf` is full or the file ends (a direct read may return short at its end).
