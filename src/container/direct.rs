@@ -288,7 +288,10 @@ impl State {
         let Some(other) = (0..self.windows.len()).find(|&i| i != last) else {
             return false;
         };
-        let w = self.windows.swap_remove(other);
+        let mut w = self.windows.swap_remove(other);
+        // What it held is given up: were it to come back unread (a write cancels the
+        // request), it must not be served, since `forget` no longer saw it.
+        w.len = 0;
         self.request = Some((next, w));
         true
     }
