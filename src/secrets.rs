@@ -69,7 +69,7 @@ pub enum SecretError {
 /// CPU on a long sequential read, and a twentieth on an untar. The guarantee is the same: the
 /// final allocation is wiped; blocks a growing vector left behind are wiped by the binary's
 /// allocator ([`WipingAllocator`]).
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct PlainBuf(Vec<u8>);
 
 impl From<Vec<u8>> for PlainBuf {
