@@ -385,7 +385,11 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // ENOSYS once, and the kernel stops sending FLUSH (its `no_flush`): close(2) no longer
+        // waits for a round trip to us, and nothing happens at close that we need to see.
+        // Writes are write-through (no writeback cache), locks are the kernel's, and RELEASE
+        // still comes. 5,000 small files, each fsynced: 2,205–2,338 → 2,322–2,439 files/s.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
