@@ -212,7 +212,7 @@ rate() { awk -v n="$1" -v s="$2" -v d="$3" 'BEGIN { if (s <= 0) s = 0.001; print
 # and 407 MiB/s in one run); five rounds and their spread say more.
 ROUNDS=${ROUNDS:-5}
 # Unmeasured rounds first (WARMUP, for the sequential write only): whichever
-# target is measured first wrote its first GiB at 40-70 % of its later
+# target is measured first wrote its first GiB at 35-85 % of its later
 # rounds, keybound or gocryptfs alike (docs/benchmarks.md, runs 23 and 24):
 # the first writes after a pause re-fault memory the VM gave back to the host.
 WARMUP=${WARMUP:-1}
