@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -273,6 +273,142 @@ sendfile = 1
 posix_fadvise = 1
 copy_file_range = 2
 "#;
+
+/// Runs `sh -c script` as nobody (uid and gid 65534, no other groups); panics if it fails.
+fn as_nobody(script: &str) {
+    let status = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+        .expect("running setpriv");
+    assert!(status.success(), "as nobody: {script}");
+}
+
+fn perm_bits(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+/// A `security.capability` value (revision 2, CAP_NET_BIND_SERVICE permitted).
+const FILE_CAPABILITY: [u8; 20] = [0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+fn has_capability(p: &Path) -> bool {
+    let names = std::process::Command::new("getfattr")
+        .args(["-m", "-", "--absolute-names"])
+        .arg(p)
+        .output();
+    match names {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).contains("security.capability"),
+        // Without getfattr, ask for the attribute itself.
+        Err(_) => {
+            let n = CString::new("security.capability").unwrap();
+            // SAFETY: valid C strings; a null buffer of size 0 asks for the length.
+            let len =
+                unsafe { libc::getxattr(cstr(p).as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+            len >= 0
+        }
+    }
+}
+
+/// A write, truncate or chown takes set-ID bits and file capabilities away exactly as ext4 does
+/// on this kernel (each expected mode was what ext4 left after the same step): the daemon does
+/// it, since it tells the kernel it will (FUSE_HANDLE_KILLPRIV_V2).
+#[test]
+fn writes_truncates_and_chowns_drop_privileges_as_ext4_does() {
+    let Some(s) = setup() else { return };
+    let m = mount_vault(&s, true, true);
+    let f = s.mnt.join("f");
+    fs::write(&f, b"a").unwrap();
+    let chmod = |mode: u32| fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+    let append_as_root = || {
+        let mut h = fs::OpenOptions::new().append(true).open(&f).unwrap();
+        h.write_all(b"b").unwrap();
+    };
+
+    // Root holds CAP_FSETID: writes and truncates keep the bits; a chown does not.
+    chmod(0o6755);
+    append_as_root();
+    assert_eq!(perm_bits(&f), 0o6755, "append by root");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert_eq!(perm_bits(&f), 0o6755, "truncate by root");
+    chown(&f, Some(0), Some(0)).unwrap();
+    assert_eq!(perm_bits(&f), 0o755, "chown by root, group-execute set");
+    chmod(0o6745);
+    chown(&f, Some(1000), None).unwrap();
+    assert_eq!(perm_bits(&f), 0o2745, "chown by root, no group-execute");
+
+    // nobody owns the file, in root's group (not nobody's).
+    let path = f.display();
+    chown(&f, Some(65534), Some(0)).unwrap();
+    chmod(0o6777);
+    as_nobody(&format!("echo y >> '{path}'"));
+    assert_eq!(perm_bits(&f), 0o777, "append by nobody");
+    chmod(0o6777);
+    as_nobody(&format!("truncate -s 1 '{path}'"));
+    assert_eq!(perm_bits(&f), 0o777, "truncate by nobody");
+    chmod(0o2767);
+    as_nobody(&format!("echo z >> '{path}'"));
+    assert_eq!(
+        perm_bits(&f),
+        0o767,
+        "append by nobody, outside the file's group"
+    );
+    chown(&f, Some(65534), Some(65534)).unwrap();
+    chmod(0o2767);
+    as_nobody(&format!("echo z >> '{path}'"));
+    assert_eq!(
+        perm_bits(&f),
+        0o2767,
+        "append by nobody, in the file's group"
+    );
+    chmod(0o4755);
+    as_nobody(&format!("chgrp nogroup '{path}'"));
+    assert_eq!(perm_bits(&f), 0o755, "chgrp by nobody");
+    chmod(0o6755);
+    as_nobody(&format!(": > '{path}'"));
+    assert_eq!(perm_bits(&f), 0o755, "O_TRUNC by nobody");
+
+    // A directory keeps its set-ID bits through a chown.
+    let d = s.mnt.join("d");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o6755)).unwrap();
+    chown(&d, Some(1000), Some(1000)).unwrap();
+    assert_eq!(perm_bits(&d), 0o6755, "chown of a directory");
+
+    // File capabilities go with any write, truncate or chown, root's included.
+    set_xattr(&f, "security.capability", &FILE_CAPABILITY);
+    assert!(has_capability(&f));
+    append_as_root();
+    assert!(
+        !has_capability(&f),
+        "append by root kept security.capability"
+    );
+    set_xattr(&f, "security.capability", &FILE_CAPABILITY);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    assert!(
+        !has_capability(&f),
+        "truncate by root kept security.capability"
+    );
+    set_xattr(&f, "security.capability", &FILE_CAPABILITY);
+    chown(&f, Some(0), Some(0)).unwrap();
+    assert!(!has_capability(&f), "chown kept security.capability");
+    m.unmount().unwrap();
+}
 
 fn run_fsx(mnt: &Path, ops: u32, seed: u32) -> Option<std::process::Output> {
     let fsx = Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cargo/bin/fsx");

@@ -10,7 +10,7 @@ use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
 use super::node::get;
 use super::schema::{Attr, CHUNK_PAGE, CHUNK_SIZE, FileKind, MAX_FILE_SIZE, Timespec};
 use super::store::Txn;
-use super::{Fs, FsError, FsResult, Mode};
+use super::{Dropper, Fs, FsError, FsResult, Mode};
 
 const C: u64 = CHUNK_SIZE;
 
@@ -109,6 +109,27 @@ impl Fs {
 
     /// Writes `data` at `offset`; returns the bytes written (all of them).
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        self.write_by(ino, offset, data, None)
+    }
+
+    /// [`Fs::write`], also taking from the file what a write by `by` takes ([`Dropper`]).
+    pub fn write_dropping(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        by: Dropper,
+    ) -> FsResult<usize> {
+        self.write_by(ino, offset, data, Some(by))
+    }
+
+    fn write_by(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        dropper: Option<Dropper>,
+    ) -> FsResult<usize> {
         if data.is_empty() {
             return Ok(0);
         }
@@ -145,6 +166,9 @@ impl Fs {
                     _ => None,
                 };
                 fs.write_chunk(tx, &mut a, idx, offset, data, base)?;
+            }
+            if let Some(by) = dropper {
+                fs.drop_privileges(tx, &mut a, by, false)?;
             }
             let now = Timespec::now();
             a.size = a.size.max(end);

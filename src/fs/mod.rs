@@ -109,6 +109,19 @@ pub enum SetTime {
     At(Timespec),
 }
 
+/// Who made a write, truncate or chown, when the filesystem (not the kernel) takes from the file
+/// what Linux takes on those: its `security.capability` attribute always, its set-user-ID bit and
+/// its set-group-ID bit by the rules in [`Fs::drop_privileges`]. A FUSE mount leaves this to the
+/// filesystem under `FUSE_HANDLE_KILLPRIV_V2`, and no longer asks for `security.capability`
+/// before every write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dropper {
+    /// The caller's (primary) group.
+    pub gid: u32,
+    /// The caller may keep set-ID bits on a write or truncate (holds CAP_FSETID).
+    pub may_keep_setid: bool,
+}
+
 /// Attribute changes for [`Fs::setattr`]; `None` leaves a field alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SetAttr {
@@ -124,6 +137,9 @@ pub struct SetAttr {
     pub ctime: Option<Timespec>,
     pub crtime: Option<Timespec>,
     pub flags: Option<u32>,
+    /// Who changes size or owner, when the filesystem drops privileges ([`Dropper`]); `None`:
+    /// the kernel does.
+    pub dropper: Option<Dropper>,
 }
 
 /// One directory entry. The name is wiped when the entry is dropped.

@@ -97,6 +97,12 @@ impl Fs {
                 fs.truncate(tx, &mut a, size)?;
                 a.mtime = now;
             }
+            let chown = s.uid.is_some() || s.gid.is_some();
+            if let Some(by) = s.dropper
+                && (chown || s.size.is_some())
+            {
+                fs.drop_privileges(tx, &mut a, by, chown)?;
+            }
             if let Some(uid) = s.uid {
                 a.uid = uid;
             }

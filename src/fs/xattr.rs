@@ -1,9 +1,10 @@
 //! Extended attributes (user., trusted., security.; no ACLs).
 
 use super::node::{META_OP_BYTES, get};
-use super::schema::{Timespec, XATTR_NAME_MAX, XATTR_SIZE_MAX};
+use super::schema::{Attr, FileKind, Timespec, XATTR_NAME_MAX, XATTR_SIZE_MAX};
+use super::store::Txn;
 use super::xattr_flags::{CREATE, REPLACE};
-use super::{Fs, FsError, FsResult, Mode};
+use super::{Dropper, Fs, FsError, FsResult, Mode};
 use crate::secrets::PlainBuf;
 
 /// Overhead counted per xattr in space estimates.
@@ -26,7 +27,52 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     }
 }
 
+/// File capabilities: what a write, truncate or chown takes away.
+const CAPABILITY: &[u8] = b"security.capability";
+
 impl Fs {
+    /// Takes from a file (not a directory) what Linux's VFS takes when `by` writes to it,
+    /// truncates it, or (`chown`) changes its owner or group: the `security.capability`
+    /// attribute; the set-user-ID bit on a chown, or from a caller who may not keep it; the
+    /// set-group-ID bit likewise where group-execute is set (without it the bit marks
+    /// mandatory locking, and only a caller outside the file's group, as far as its primary
+    /// group tells, who may not keep it, loses it).
+    pub(super) fn drop_privileges(
+        &mut self,
+        tx: &Txn,
+        a: &mut Attr,
+        by: Dropper,
+        chown: bool,
+    ) -> FsResult<()> {
+        if a.kind == FileKind::Dir {
+            return Ok(());
+        }
+        let (suid, sgid, gx) = (
+            libc::S_ISUID as u16,
+            libc::S_ISGID as u16,
+            libc::S_IXGRP as u16,
+        );
+        if chown || !by.may_keep_setid {
+            a.perm &= !suid;
+        }
+        let drops_sgid = if a.perm & gx != 0 {
+            chown || !by.may_keep_setid
+        } else {
+            !by.may_keep_setid && by.gid != a.gid
+        };
+        if drops_sgid {
+            a.perm &= !sgid;
+        }
+        if self.no_xattrs != Some(true) && tx.xattr(a.ino, CAPABILITY)?.is_some() {
+            let len = tx.del_xattr(a.ino, CAPABILITY)?.unwrap_or(0);
+            self.sb.meta_bytes = self
+                .sb
+                .meta_bytes
+                .saturating_sub(XATTR_META + CAPABILITY.len() as u64 + len);
+        }
+        Ok(())
+    }
+
     /// The value of xattr `name` (ENODATA if absent).
     pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> FsResult<PlainBuf> {
         if name.is_empty() || name.len() > XATTR_NAME_MAX {

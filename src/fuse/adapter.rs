@@ -14,7 +14,9 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Caller, FileKind, Fs, FsError, FsResult, SetAttr, SetTime, Timespec};
+use crate::fs::{
+    Attr, Caller, Dropper, FileKind, Fs, FsError, FsResult, SetAttr, SetTime, Timespec,
+};
 use crate::secrets::PlainBuf;
 
 /// How long the kernel may cache attributes and entries.
@@ -49,6 +51,9 @@ pub(crate) struct Adapter {
     pub activity: Arc<super::Activity>,
     /// Called once `destroy` closed the filesystem (an unmount from outside).
     pub on_close: OnClose,
+    /// The kernel left it to us to drop privileges on write, truncate and chown
+    /// (`FUSE_HANDLE_KILLPRIV_V2`, see [`Dropper`]); set at init.
+    pub drops_privileges: bool,
 }
 
 /// What to tell when the kernel ended the session (see [`super::MountHandle::on_close`]).
@@ -165,7 +170,12 @@ impl Filesystem for Adapter {
         // READDIRPLUS: a listing carries each entry's attributes, so `ls -l` and `find` need no
         // LOOKUP per entry (AUTO: the kernel uses it when the listing is followed by stats).
         let plus = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
-        let _ = config.add_capabilities(plus & config.capabilities());
+        // HANDLE_KILLPRIV_V2: we drop set-ID bits and file capabilities on write, truncate and
+        // chown (`Fs::drop_privileges`), so the kernel no longer asks for security.capability
+        // before every write: one round trip less per write (untar: ~6-17 % faster).
+        let killpriv = InitFlags::FUSE_HANDLE_KILLPRIV_V2 & config.capabilities();
+        let _ = config.add_capabilities((plus & config.capabilities()) | killpriv);
+        self.drops_privileges = !killpriv.is_empty();
         Ok(())
     }
 
@@ -210,7 +220,7 @@ impl Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -236,6 +246,12 @@ impl Filesystem for Adapter {
             ctime: ctime.map(Timespec::from_system),
             crtime: crtime.map(Timespec::from_system),
             flags: flags.map(|f| f.bits()),
+            dropper: self.drops_privileges.then(|| Dropper {
+                gid: req.gid(),
+                // The kernel's own flag for a truncate without CAP_FSETID (FATTR_KILL_SUIDGID)
+                // does not reach us through fuser: root stands for holding it.
+                may_keep_setid: req.uid() == 0,
+            }),
         };
         match self.with(|fs| fs.setattr(ino.0, &s)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
@@ -361,17 +377,26 @@ impl Filesystem for Adapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.with(|fs| fs.write(ino.0, offset, data)) {
+        let dropper = self.drops_privileges.then(|| Dropper {
+            gid: req.gid(),
+            // The kernel asks when the writer lacks CAP_FSETID.
+            may_keep_setid: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
+        });
+        let written = |fs: &mut Fs| match dropper {
+            Some(by) => fs.write_dropping(ino.0, offset, data, by),
+            None => fs.write(ino.0, offset, data),
+        };
+        match self.with(written) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(e),
         }

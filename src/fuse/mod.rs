@@ -186,6 +186,7 @@ pub fn mount(fs: Fs, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mount
         known: known.clone(),
         activity: activity.clone(),
         on_close: on_close.clone(),
+        drops_privileges: false,
     };
     let session = fuser::Session::new(adapter, mountpoint, &config(opts))?.spawn()?;
     let connection = connection_id(mountpoint);
