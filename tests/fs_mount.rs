@@ -347,36 +347,22 @@ fn writes_truncates_and_chowns_drop_privileges_as_ext4_does() {
     chown(&f, Some(1000), None).unwrap();
     assert_eq!(perm_bits(&f), 0o2745, "chown by root, no group-execute");
 
-    // nobody owns the file, in root's group (not nobody's).
-    let path = f.display();
+    // nobody owns the file: set `mode`, run `script` on it as nobody, expect `after`.
+    let as_nobody_on_f = |mode: u32, script: &str, after: u32, what: &str| {
+        chmod(mode);
+        as_nobody(&script.replace("F", &format!("'{}'", f.display())));
+        assert_eq!(perm_bits(&f), after, "{what}");
+    };
     chown(&f, Some(65534), Some(0)).unwrap();
-    chmod(0o6777);
-    as_nobody(&format!("echo y >> '{path}'"));
-    assert_eq!(perm_bits(&f), 0o777, "append by nobody");
-    chmod(0o6777);
-    as_nobody(&format!("truncate -s 1 '{path}'"));
-    assert_eq!(perm_bits(&f), 0o777, "truncate by nobody");
-    chmod(0o2767);
-    as_nobody(&format!("echo z >> '{path}'"));
-    assert_eq!(
-        perm_bits(&f),
-        0o767,
-        "append by nobody, outside the file's group"
-    );
+    as_nobody_on_f(0o6777, "echo y >> F", 0o777, "append by nobody");
+    as_nobody_on_f(0o6777, "truncate -s 1 F", 0o777, "truncate by nobody");
+    let outside = "append by nobody, outside the file's group";
+    as_nobody_on_f(0o2767, "echo z >> F", 0o767, outside);
     chown(&f, Some(65534), Some(65534)).unwrap();
-    chmod(0o2767);
-    as_nobody(&format!("echo z >> '{path}'"));
-    assert_eq!(
-        perm_bits(&f),
-        0o2767,
-        "append by nobody, in the file's group"
-    );
-    chmod(0o4755);
-    as_nobody(&format!("chgrp nogroup '{path}'"));
-    assert_eq!(perm_bits(&f), 0o755, "chgrp by nobody");
-    chmod(0o6755);
-    as_nobody(&format!(": > '{path}'"));
-    assert_eq!(perm_bits(&f), 0o755, "O_TRUNC by nobody");
+    let inside = "append by nobody, in the file's group";
+    as_nobody_on_f(0o2767, "echo z >> F", 0o2767, inside);
+    as_nobody_on_f(0o4755, "chgrp nogroup F", 0o755, "chgrp by nobody");
+    as_nobody_on_f(0o6755, ": > F", 0o755, "O_TRUNC by nobody");
 
     // A directory keeps its set-ID bits through a chown.
     let d = s.mnt.join("d");
