@@ -112,18 +112,9 @@ impl Fs {
         self.write_by(ino, offset, data, None)
     }
 
-    /// [`Fs::write`], also taking from the file what a write by `by` takes ([`Dropper`]).
-    pub fn write_dropping(
-        &mut self,
-        ino: u64,
-        offset: u64,
-        data: &[u8],
-        by: Dropper,
-    ) -> FsResult<usize> {
-        self.write_by(ino, offset, data, Some(by))
-    }
-
-    fn write_by(
+    /// [`Fs::write`], also taking from the file what a write by `dropper` takes, if given
+    /// ([`Dropper`]).
+    pub fn write_by(
         &mut self,
         ino: u64,
         offset: u64,

@@ -64,12 +64,18 @@ impl Fs {
             a.perm &= !sgid;
         }
         if self.no_xattrs != Some(true) && tx.xattr(a.ino, CAPABILITY)?.is_some() {
-            let len = tx.del_xattr(a.ino, CAPABILITY)?.unwrap_or(0);
-            self.sb.meta_bytes = self
-                .sb
-                .meta_bytes
-                .saturating_sub(XATTR_META + CAPABILITY.len() as u64 + len);
+            self.delete_xattr(tx, a.ino, CAPABILITY)?;
         }
+        Ok(())
+    }
+
+    /// Deletes xattr `name` of `ino` and its bytes from the space estimate.
+    fn delete_xattr(&mut self, tx: &Txn, ino: u64, name: &[u8]) -> FsResult<()> {
+        let len = tx.del_xattr(ino, name)?.unwrap_or(0);
+        self.sb.meta_bytes = self
+            .sb
+            .meta_bytes
+            .saturating_sub(XATTR_META + name.len() as u64 + len);
         Ok(())
     }
 
@@ -148,13 +154,9 @@ impl Fs {
             if tx.xattr(ino, name)?.is_none() {
                 return Err(FsError::NoData);
             }
-            let len = tx.del_xattr(ino, name)?.unwrap_or(0);
+            fs.delete_xattr(tx, ino, name)?;
             a.ctime = Timespec::now();
             tx.put_attr(&a)?;
-            fs.sb.meta_bytes = fs
-                .sb
-                .meta_bytes
-                .saturating_sub(XATTR_META + name.len() as u64 + len);
             Ok(())
         })
     }

@@ -392,11 +392,7 @@ impl Filesystem for Adapter {
             // The kernel asks when the writer lacks CAP_FSETID.
             may_keep_setid: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
         });
-        let written = |fs: &mut Fs| match dropper {
-            Some(by) => fs.write_dropping(ino.0, offset, data, by),
-            None => fs.write(ino.0, offset, data),
-        };
-        match self.with(written) {
+        match self.with(|fs| fs.write_by(ino.0, offset, data, dropper)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(e),
         }
