@@ -10,7 +10,9 @@
 # warm reads, small files with fsync, and unlock time.
 #
 # Timing only: no thresholds, no pass/fail. Single runs: on a shared or busy
-# machine, run twice and compare (the load average is printed).
+# machine, run twice and compare (the load average is printed). The targets
+# take turns at every round and workload, so drifts of the machine's speed
+# meet them all alike.
 #
 # Everything started here (pcscd, a software card, the mounts) is stopped
 # and unmounted on exit, failure or Ctrl-C; the work dir is removed.
@@ -26,8 +28,10 @@ usage: scripts/bench.sh [--size SIZE] [--files N] [--only LIST] [--dir DIR]
                         [--kdf-time T] [--vault-size SIZE] [--profile P]
                         [--no-setup] [-h|--help]
 
-Runs on keybound, gocryptfs and a plain directory, one after the other,
-and prints one table. Must run as root (drop_caches, mounts).
+Sets up keybound, gocryptfs and a plain directory, runs each workload on
+each of them in turn (the one that goes first moves one place every time),
+and prints one table. Before every measured step it syncs and waits until
+the keybound daemon is idle. Must run as root (drop_caches, mounts).
 
   --size SIZE       the big file for sequential write/read (default 1G;
                     K, M, G suffixes, powers of 1024)
@@ -51,13 +55,14 @@ and prints one table. Must run as root (drop_caches, mounts).
   --no-setup        skip scripts/setup.sh (also KB_SKIP_SETUP=1)
   -h, --help        this text
 
-Workloads, in order, on each target:
+Workloads, in this order, each on every target in turn:
   unlock      wall time of the mount command (FUSE targets)
   seq write   dd 1 MiB blocks of zeros, conv=fsync, median   MiB/s
               of 5 rounds (ROUNDS), each into a new file,
-              after 1 round not counted (WARMUP; printed)
+              after 1 round not counted (WARMUP; printed);
+              each round on every target before the next
   cold read   remount (FUSE), drop caches, dd to /dev/null,  MiB/s
-              median of 5 rounds (ROUNDS)
+              median of 5 rounds (ROUNDS), likewise
   warm read   the same file again, right away                MiB/s
   small files N files of 4 KiB in dirs of 100, fsync each    files/s
   untar       tar -x of the Linux source tarball (already    s
@@ -204,31 +209,119 @@ declare -A UNIT=(
 # rate BYTES_OR_COUNT SECONDS DIVISOR -> value with 1 decimal
 rate() { awk -v n="$1" -v s="$2" -v d="$3" 'BEGIN { if (s <= 0) s = 0.001; printf "%.1f", n / d / s }'; }
 
-# median_of_rounds TARGET KEY ROUND: run the function ROUND (it measures
-# TARGET KEY, in seconds, over the big file) ROUNDS times, print every
-# round's rate and store the median. One 1 GiB write or cold read on this VM
-# (Firecracker, free page reporting on) varies by up to 2x between runs of
-# the same code, for every target (even the plain disk's writes: 393, 1453
-# and 407 MiB/s in one run); five rounds and their spread say more.
+# Rounds of the big-file workloads (sequential write, cold read): one 1 GiB
+# write or cold read on this VM (Firecracker, free page reporting on) varies
+# by up to 2x between runs of the same code, for every target (even the plain
+# disk's writes: 393, 1453 and 407 MiB/s in one run); five rounds, their
+# median and their spread say more.
 ROUNDS=${ROUNDS:-5}
 # Unmeasured rounds first (WARMUP, for the sequential write only): whichever
-# target is measured first wrote its first GiB at 35-85 % of its later
+# target was measured first wrote its first GiB at 35-85 % of its later
 # rounds, keybound or gocryptfs alike (docs/benchmarks.md, runs 23 and 24):
 # the first writes after a pause re-fault memory the VM gave back to the host.
 WARMUP=${WARMUP:-1}
-median_of_rounds() {
-    local t=$1 key=$2 round=$3 warmup=${4:-0} i rates=() warm=()
-    for ((i = 1; i <= warmup; i++)); do
-        "$round" "$t"
-        warm+=("$(rate "$SIZE_MIB" "${M[$t.$key]}" 1)")
+
+# Every target is set up first; then each workload runs on every target
+# before the next workload starts, and each round of a big-file workload runs
+# on every target before the next round. The target that goes first moves one
+# place at every round and workload (keybound gocryptfs plain, then gocryptfs
+# plain keybound, ...). Run one target after the other, as before run 29, a
+# target's figures met the VM in one state and the next target's in another:
+# the plain disk's writes went from 1,410 to 433 MiB/s between two rounds a
+# few seconds apart (run 28). In turn, every target meets the same drift.
+ACTIVE=()   # the targets that were set up
+TURN=0      # rotation of the next round or workload
+
+# in_turn: print the active targets, the first one moved TURN places on.
+# (Called in a subshell, so the caller moves TURN on.)
+in_turn() {
+    local n=${#ACTIVE[@]} i
+    for ((i = 0; i < n; i++)); do
+        printf '%s\n' "${ACTIVE[(i + TURN) % n]}"
     done
-    [ "$warmup" -gt 0 ] && kb_say "[$t] ${LABEL[$key]} warm-up (not counted): ${warm[*]} ${UNIT[$key]}"
-    for ((i = 1; i <= ROUNDS; i++)); do
-        "$round" "$t"
-        rates+=("$(rate "$SIZE_MIB" "${M[$t.$key]}" 1)")
+}
+
+# settle: write dirty pages back, then wait until the keybound daemon, if one
+# is mounted, has been idle for 1.5 s. It seals the sectors it left unsealed
+# in its idle time (FORMAT.md 4.2), which must not run into the next
+# target's measurement (nor into keybound's own). How long that took is
+# printed when it was more than the quiet window itself.
+settle() {
+    local pid c0 c1 t0 waited i
+    sync
+    pid=$(pgrep -f "^$KB_KEYBOUND mount $WORK/keybound/vault.kbd" | head -n 1) || return 0
+    [ -n "$pid" ] || return 0
+    t0=$(kb_now)
+    c0=$(daemon_ticks "$pid") || return 0
+    for ((i = 0; i < 40; i++)); do
+        sleep 1.5
+        c1=$(daemon_ticks "$pid") || return 0
+        # One tick (10 ms) in 1.5 s is its timers, not work.
+        ((c1 - c0 <= 1)) && break
+        c0=$c1
     done
-    kb_say "[$t] ${LABEL[$key]} rounds: ${rates[*]} ${UNIT[$key]}"
-    M[$t.$key]=$(printf '%s\n' "${rates[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    waited=$(awk -v a="$t0" -v b="$(kb_now)" 'BEGIN { printf "%.1f", b - a - 1.5 }')
+    awk -v w="$waited" 'BEGIN { exit !(w >= 0.5) }' &&
+        kb_say "[keybound] daemon busy for ${waited} s after the step before (idle-time sealing); waited"
+    return 0
+}
+
+# daemon_ticks PID: the CPU time PID used so far, in clock ticks.
+daemon_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
+
+# median VALUE...: the middle value (the upper of the two middle ones).
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+
+# run_rounds KEY ROUND WARMUP [AFTER]: WARMUP uncounted rounds, then ROUNDS
+# counted ones; in each round the function ROUND measures KEY (seconds, over
+# the big file) on every target in turn. A target's figure is the median
+# rate of its counted rounds. AFTER, if given, runs on each target right
+# after its last round.
+run_rounds() {
+    local key=$1 round=$2 warmup=$3 after=${4:-} r t v kind
+    local -a order
+    local -A warm=() counted=()
+    for ((r = 1; r <= warmup + ROUNDS; r++)); do
+        mapfile -t order < <(in_turn)
+        TURN=$((TURN + 1))
+        for t in "${order[@]}"; do
+            settle
+            "$round" "$t"
+            v=$(rate "$SIZE_MIB" "${M[$t.$key]}" 1)
+            if ((r <= warmup)); then
+                kind="warm-up $r (not counted)"
+                warm[$t]+="${warm[$t]:+ }$v"
+            else
+                kind="round $((r - warmup))/$ROUNDS"
+                counted[$t]+="${counted[$t]:+ }$v"
+            fi
+            kb_say "[$t] ${LABEL[$key]} $kind: $v ${UNIT[$key]}"
+            if ((r == warmup + ROUNDS)) && [ -n "$after" ]; then
+                "$after" "$t"
+            fi
+        done
+    done
+    for t in "${ACTIVE[@]}"; do
+        [ "$warmup" -eq 0 ] || kb_say "[$t] ${LABEL[$key]} warm-up (not counted): ${warm[$t]} ${UNIT[$key]}"
+        kb_say "[$t] ${LABEL[$key]} rounds: ${counted[$t]} ${UNIT[$key]}"
+        # shellcheck disable=SC2086 # one word per round
+        M[$t.$key]=$(median ${counted[$t]})
+        show "$t" "$key"
+    done
+}
+
+# each_in_turn FN: settle, then FN TARGET, on every active target in turn.
+each_in_turn() {
+    local t
+    local -a order
+    mapfile -t order < <(in_turn)
+    TURN=$((TURN + 1))
+    for t in "${order[@]}"; do
+        settle
+        "$1" "$t"
+    done
 }
 
 # A sequential-write round: a new big file (the one before deleted and synced).
@@ -353,49 +446,54 @@ teardown_keybound() {
     rm -rf "$WORK/keybound"
 }
 
-# ---- the workloads ---------------------------------------------------------------------
+# ---- the workloads, on one target each --------------------------------------------------
 
-bench_target() {
-    local t=$1 d
-    kb_banner "$(column_name "$t")"
-    if ! "setup_$t"; then
+set_up() {
+    local t=$1
+    kb_banner "set up: $(column_name "$t")"
+    if "setup_$t"; then
+        ACTIVE+=("$t")
+        kb_say "[$t] working in ${DATA[$t]}"
+    else
         kb_warn "[$t] ${NOTE[$t]}"
-        return 0
     fi
-    d=${DATA[$t]}
-    kb_say "[$t] working in $d"
+}
 
-    median_of_rounds "$t" seqwrite seq_write_round "$WARMUP"
-    show "$t" seqwrite
+warm_read() {
+    measure "$1" warmread dd if="${DATA[$1]}/big" of=/dev/null bs=1M status=none
+    M[$1.warmread]=$(rate "$SIZE_MIB" "${M[$1.warmread]}" 1)
+    show "$1" warmread
+}
 
-    median_of_rounds "$t" coldread cold_read_round
-    d=${DATA[$t]}
-    show "$t" coldread
-    measure "$t" warmread dd if="$d/big" of=/dev/null bs=1M status=none
-    M[$t.warmread]=$(rate "$SIZE_MIB" "${M[$t.warmread]}" 1)
-    show "$t" warmread
-    rm -f "$d/big"
-    sync
+remove_big() { rm -f "${DATA[$1]}/big"; }
 
-    measure "$t" small perl -e "$SMALL_FILES_PL" "$d/small" "$FILES"
-    M[$t.small]=$(rate "$FILES" "${M[$t.small]}" 1)
-    show "$t" small
-    rm -rf "$d/small"
-    sync
+small_files() {
+    measure "$1" small perl -e "$SMALL_FILES_PL" "${DATA[$1]}/small" "$FILES"
+    M[$1.small]=$(rate "$FILES" "${M[$1.small]}" 1)
+    show "$1" small
+    rm -rf "${DATA[$1]}/small"
+}
 
+untar() {
     # The tarball is read from the page cache, so only the target's writes count.
     cat "$TAR" >/dev/null
-    measure "$t" untar tar -xf "$TAR" -C "$d" "${UNTAR_MEMBERS[@]}"
-    show "$t" untar
-    measure "$t" sync sync
-    show "$t" sync
-    measure "$t" lsr ls -lR "$d/$TREE"
-    show "$t" lsr
-    measure "$t" rmrf rm -rf "$d/$TREE"
-    show "$t" rmrf
-
-    "teardown_$t"
+    measure "$1" untar tar -xf "$TAR" -C "${DATA[$1]}" "${UNTAR_MEMBERS[@]}"
+    show "$1" untar
+    measure "$1" sync sync
+    show "$1" sync
 }
+
+list_tree() {
+    measure "$1" lsr ls -lR "${DATA[$1]}/$TREE"
+    show "$1" lsr
+}
+
+remove_tree() {
+    measure "$1" rmrf rm -rf "${DATA[$1]}/$TREE"
+    show "$1" rmrf
+}
+
+tear_down() { "teardown_$1"; }
 
 column_name() {
     case $1 in
@@ -479,7 +577,18 @@ fi
 
 KB_FS_EXIT_HOOK=print_results
 for t in "${TARGETS[@]}"; do
-    bench_target "$t"
+    set_up "$t"
 done
+[ "${#ACTIVE[@]}" -gt 0 ] || kb_die "no target could be set up"
+kb_banner "sequential write and read: $ROUNDS rounds, each on every target in turn"
+run_rounds seqwrite seq_write_round "$WARMUP"
+run_rounds coldread cold_read_round 0 warm_read
+each_in_turn remove_big
+kb_banner "small files, untar, ls -lR, rm -rf, unmount: each on every target in turn"
+each_in_turn small_files
+each_in_turn untar
+each_in_turn list_tree
+each_in_turn remove_tree
+each_in_turn tear_down
 KB_FS_EXIT_HOOK=""
 print_results # (no status: the run finished)
