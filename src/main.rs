@@ -48,7 +48,7 @@ fn main() {
         std::process::exit(cli::exitcodes::OTHER);
     }
     if let Err(err) = cli::run(cli) {
-        eprintln!("keybound: {err:#}");
+        eprintln!("keybound: {}", cli::error_text(&err));
         std::process::exit(cli::exitcodes::for_error(&err));
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::vault::{
-    Fixture, assert_fails, assert_ok, content, flip_bit, stdout, tree_digests, wait_for_exit,
+    Fixture, assert_fails, assert_ok, content, flip_bit, s, stdout, tree_digests, wait_for_exit,
 };
 
 /// Exit codes from docs/user-guide.md.
@@ -355,6 +355,15 @@ fn truncated_container_is_refused_with_a_clear_message() {
     assert_fails(&fx.mount(&[]), VAULT_DAMAGED, &["truncated", "vault.kb"]);
     assert_eq!(fx.vault_digest(), before);
     assert!(!fx.is_mounted());
+
+    // A vault that is not there: the message names it and says why, once (assert_fails).
+    let gone = fx.path("gone.kb");
+    let out = fx.run(&["info", s(&gone)]);
+    assert_fails(
+        &out,
+        1,
+        &["cannot open", "gone.kb", "No such file or directory"],
+    );
 }
 
 /// The Argon2id parameters of slot 0, from `keybound info --json`.

@@ -163,7 +163,10 @@ pub fn record_failure(event: Event, err: &anyhow::Error) {
 }
 
 pub fn failure(event: Event, err: &anyhow::Error) -> Event {
-    let event = event.failed(error_kind(exitcodes::for_error(err)), format!("{err:#}"));
+    let event = event.failed(
+        error_kind(exitcodes::for_error(err)),
+        super::error_text(err),
+    );
     match pin_tries_left(err) {
         Some(tries) => event.field("pin_tries_left", tries),
         None => event,

@@ -113,3 +113,47 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => verify_cmd::run(args),
     }
 }
+
+/// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text
+/// the message before it already ends with: many of our errors say what failed *and* why
+/// (`cannot create F: No such file or directory`) while also naming the I/O error as their
+/// source, and the chain would then repeat the reason.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_says_each_reason_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let err = keybound::container::ContainerError::Io {
+            path: "/v/vault.kbd".into(),
+            op: "create",
+            source: io,
+        };
+        let err = anyhow::Error::from(err).context("keybound create failed");
+        assert_eq!(
+            error_text(&err),
+            "keybound create failed: cannot create /v/vault.kbd: No such file or directory (os error 2)"
+        );
+        // A cause the message does not spell out is kept.
+        let plain = anyhow::anyhow!("disk on fire").context("cannot write /v/vault.kbd");
+        assert_eq!(
+            error_text(&plain),
+            "cannot write /v/vault.kbd: disk on fire"
+        );
+    }
+}

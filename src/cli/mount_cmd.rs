@@ -592,7 +592,11 @@ impl ReadyPipe {
     }
 
     fn failed(&self, err: &anyhow::Error) {
-        self.send(&format!("ERROR {}\n{err:#}\n", exitcodes::for_error(err)));
+        self.send(&format!(
+            "ERROR {}\n{}\n",
+            exitcodes::for_error(err),
+            super::error_text(err)
+        ));
     }
 }
 
@@ -685,7 +689,7 @@ pub fn lock(args: LockArgs) -> Result<()> {
                 record.mountpoint.display()
             ),
             Err(e) if args.all => {
-                eprintln!("keybound: {e:#}");
+                eprintln!("keybound: {}", super::error_text(&e));
                 failed += 1;
             }
             Err(e) => return Err(e),

@@ -186,7 +186,7 @@ fn to_token_error(err: anyhow::Error, token: &TokenName) -> TokenError {
             Err(other) => TokenError::Device {
                 token: token.clone(),
                 what: "reading the PIN".into(),
-                detail: format!("{other:#}"),
+                detail: super::error_text(&other),
             },
         },
     }

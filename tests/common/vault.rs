@@ -280,6 +280,10 @@ pub fn assert_fails(out: &Output, code: i32, message_parts: &[&str]) {
         assert!(err.contains(part), "expected {part:?} in: {err}");
     }
     assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(
+        err.matches("(os error").count() <= 1,
+        "a reason said twice: {err}"
+    );
 }
 
 /// Wait until `pid` has exited (it is not our child, so poll).
