@@ -262,7 +262,7 @@ settle() {
     done
     waited=$(awk -v a="$t0" -v b="$(kb_now)" 'BEGIN { printf "%.1f", b - a - 1.5 }')
     awk -v w="$waited" 'BEGIN { exit !(w >= 0.5) }' &&
-        kb_say "[keybound] daemon busy for ${waited} s after the step before (idle-time sealing); waited"
+        kb_say "[keybound] waited ${waited} s for the daemon's idle-time sealing before the next step"
     return 0
 }
 
