@@ -224,8 +224,8 @@ WARMUP=${WARMUP:-1}
 # Every target is set up first; then each workload runs on every target
 # before the next workload starts, and each round of a big-file workload runs
 # on every target before the next round. The target that goes first moves one
-# place at every round and workload (keybound gocryptfs plain, then gocryptfs
-# plain keybound, ...). Run one target after the other, as before run 29, a
+# place at every round and workload (plain gocryptfs keybound, then gocryptfs
+# keybound plain, ...). Run one target after the other, as before run 29, a
 # target's figures met the VM in one state and the next target's in another:
 # the plain disk's writes went from 1,410 to 433 MiB/s between two rounds a
 # few seconds apart (run 28). In turn, every target meets the same drift.
