@@ -52,11 +52,12 @@ impl Fs {
             libc::S_ISGID as u16,
             libc::S_IXGRP as u16,
         );
-        if chown || !by.may_keep_setid {
+        let loses_setid = chown || !by.may_keep_setid;
+        if loses_setid {
             a.perm &= !suid;
         }
         let drops_sgid = if a.perm & gx != 0 {
-            chown || !by.may_keep_setid
+            loses_setid
         } else {
             !by.may_keep_setid && by.gid != a.gid
         };
