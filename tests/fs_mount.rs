@@ -329,17 +329,16 @@ fn writes_truncates_and_chowns_drop_privileges_as_ext4_does() {
         let mut h = fs::OpenOptions::new().append(true).open(&f).unwrap();
         h.write_all(b"b").unwrap();
     };
+    let truncate_as_root = |len: u64| {
+        let h = fs::OpenOptions::new().write(true).open(&f).unwrap();
+        h.set_len(len).unwrap();
+    };
 
     // Root holds CAP_FSETID: writes and truncates keep the bits; a chown does not.
     chmod(0o6755);
     append_as_root();
     assert_eq!(perm_bits(&f), 0o6755, "append by root");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(10)
-        .unwrap();
+    truncate_as_root(10);
     assert_eq!(perm_bits(&f), 0o6755, "truncate by root");
     chown(&f, Some(0), Some(0)).unwrap();
     assert_eq!(perm_bits(&f), 0o755, "chown by root, group-execute set");
@@ -380,12 +379,7 @@ fn writes_truncates_and_chowns_drop_privileges_as_ext4_does() {
         "append by root kept security.capability"
     );
     set_xattr(&f, "security.capability", &FILE_CAPABILITY);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(1)
-        .unwrap();
+    truncate_as_root(1);
     assert!(
         !has_capability(&f),
         "truncate by root kept security.capability"
