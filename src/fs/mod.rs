@@ -92,6 +92,30 @@ pub trait Storage: redb::StorageBackend {
     fn write_fsync_log(&self, _index: u64, _pages: &[u8]) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// Sectors (4096 bytes of plaintext each) per data segment: the unit in which the storage
+    /// hands out room for file data outside redb. 0, the default: it has none, and file data
+    /// stays in redb's chunk table.
+    fn data_segment_sectors(&self) -> u64 {
+        0
+    }
+    /// Claims a new data segment and returns the number of its first sector. From then on the
+    /// storage uses none of its sectors for anything else, and none of them holds data until
+    /// [`Storage::write_data_sectors`] writes it (a read of a sector never written gives zeros).
+    /// Durable at the next `sync_data`; a crash before it returns the segment to the storage.
+    fn claim_data_segment(&self) -> std::io::Result<u64> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Seals `plain` (whole 4096-byte sectors) into sectors `first..` of claimed data
+    /// segments. Durable after the next `sync_data`.
+    fn write_data_sectors(&self, _first: u64, _plain: &[u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Opens sectors `first..` of claimed data segments into `out` (whole sectors). A sector
+    /// that fails authentication reads as zeros and counts in [`Storage::damaged_reads`], as a
+    /// sector of redb's store does.
+    fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Who asks: the uid and gid new inodes get.
