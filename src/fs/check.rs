@@ -22,10 +22,9 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use super::node::check_name;
-use super::schema::{Attr, CHUNK_SIZE, FileKind, ROOT_INO, SYMLINK_MAX};
+use super::schema::{Attr, FileKind, ROOT_INO, SYMLINK_MAX};
 use super::{Fs, FsError, FsResult, Mode, Storage};
 
-const C: u64 = CHUNK_SIZE;
 /// Consecutive unreadable chunks after which the rest of a file is not tried chunk by chunk
 /// (every failed read reopens the store).
 const MAX_BAD_RUN: u32 = 16;
@@ -152,7 +151,7 @@ pub(crate) fn kind_name(kind: FileKind) -> &'static str {
 }
 
 /// Chunk indices as byte ranges: "bytes 0–65511, 131024–196535".
-fn byte_ranges(chunks: &[u64], size: u64) -> String {
+fn byte_ranges(chunks: &[u64], size: u64, c: u64) -> String {
     let mut parts = Vec::new();
     let mut i = 0;
     while i < chunks.len() {
@@ -160,8 +159,8 @@ fn byte_ranges(chunks: &[u64], size: u64) -> String {
         while j + 1 < chunks.len() && chunks[j + 1] == chunks[j] + 1 {
             j += 1;
         }
-        let lo = chunks[i] * C;
-        let hi = ((chunks[j] + 1) * C).min(size.max(lo + 1)) - 1;
+        let lo = chunks[i] * c;
+        let hi = ((chunks[j] + 1) * c).min(size.max(lo + 1)) - 1;
         parts.push(format!("{lo}–{hi}"));
         i = j + 1;
     }
@@ -635,13 +634,14 @@ impl Checker<'_> {
 
     /// Reads every chunk of regular file `ino` by its key, then looks for chunks past its end.
     fn check_file(&mut self, ino: u64, a: &Attr, path: &str) {
+        let c = self.fs.chunk();
         let mut bad: Vec<u64> = Vec::new();
         let mut stored = 0u64;
         let mut oversized: Vec<u64> = Vec::new();
         let mut gave_up_at: Option<u64> = None;
         let mut other: Option<FsError> = None;
         if a.size > 0 {
-            let last = (a.size - 1) / C;
+            let last = (a.size - 1) / c;
             let mut next = 0u64;
             let mut bad_run = 0u32;
             while next <= last {
@@ -657,7 +657,7 @@ impl Checker<'_> {
                         }
                         if let Some(len) = len {
                             stored += len;
-                            if len > C || idx * C + len > size {
+                            if len > c || idx * c + len > size {
                                 oversized.push(idx);
                             }
                         }
@@ -688,12 +688,12 @@ impl Checker<'_> {
         }
         self.report.data_bytes += stored;
         if !bad.is_empty() || gave_up_at.is_some() {
-            let mut what = byte_ranges(&bad, a.size);
+            let mut what = byte_ranges(&bad, a.size, c);
             if let Some(from) = gave_up_at {
                 what.push_str(&format!(
                     "; the rest, from byte {}, was not tried after {MAX_BAD_RUN} unreadable \
                      chunks in a row",
-                    from * C
+                    from * c
                 ));
             }
             self.damaged(path, Some(ino), Some(FileKind::File), what);
@@ -728,7 +728,8 @@ impl Checker<'_> {
 
     /// Chunks with an index past the one holding the file's last byte.
     fn chunks_past_end(&mut self, ino: u64, a: &Attr, path: &str) {
-        let from = if a.size == 0 { 0 } else { (a.size - 1) / C + 1 };
+        let c = self.fs.chunk();
+        let from = if a.size == 0 { 0 } else { (a.size - 1) / c + 1 };
         let mut beyond = Vec::new();
         let r = self.fs.run(Mode::Read, |fs, tx| {
             let start = fs.damaged_reads();

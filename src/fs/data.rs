@@ -8,11 +8,9 @@ use crate::secrets::PlainBuf;
 
 use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
 use super::node::get;
-use super::schema::{Attr, CHUNK_PAGE, CHUNK_SIZE, FileKind, MAX_FILE_SIZE, Timespec};
+use super::schema::{Attr, CHUNK_PAGE, FileKind, MAX_FILE_SIZE, Timespec};
 use super::store::Txn;
 use super::{Dropper, Fs, FsError, FsResult, Mode};
-
-const C: u64 = CHUNK_SIZE;
 
 fn usize_of(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
@@ -82,6 +80,7 @@ impl Fs {
 
     /// Reads up to `size` bytes at `offset` (short only at end of file).
     pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<PlainBuf> {
+        let c = self.chunk();
         self.run(Mode::Read, |_, tx| {
             let a = get(tx, ino)?;
             regular(&a)?;
@@ -93,8 +92,8 @@ impl Fs {
             // Filled in order, holes and short chunks padded with zeros: no byte is written
             // twice.
             let mut buf = PlainBuf::from(Vec::with_capacity(len));
-            tx.chunks_each(ino, offset / C, (end - 1) / C, |idx, data| {
-                let cs = idx * C;
+            tx.chunks_each(ino, offset / c, (end - 1) / c, |idx, data| {
+                let cs = idx * c;
                 let lo = offset.max(cs);
                 let hi = end.min(cs + data.len() as u64);
                 if lo < hi {
@@ -121,6 +120,7 @@ impl Fs {
         data: &[u8],
         dropper: Option<Dropper>,
     ) -> FsResult<usize> {
+        let c = self.chunk();
         if data.is_empty() {
             return Ok(0);
         }
@@ -128,13 +128,13 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
-        let (first, last) = (offset / C, (end - 1) / C);
+        let (first, last) = (offset / c, (end - 1) / c);
         self.ensure_space((last - first + 1) * CHUNK_PAGE)?;
         self.run(Mode::Write, |fs, tx| {
             let mut a = get(tx, ino)?;
             regular(&a)?;
             // Probe: the edge chunks are read for read-modify-write, the others touched.
-            let partial = |idx: u64| offset > idx * C || end < (idx + 1) * C;
+            let partial = |idx: u64| offset > idx * c || end < (idx + 1) * c;
             let head = if partial(first) {
                 tx.chunk(ino, first)?
             } else {
@@ -150,13 +150,40 @@ impl Fs {
                     tx.probe_chunk(ino, idx)?;
                 }
             }
-            for idx in first..=last {
-                let base = match idx {
-                    i if i == first => head.as_ref().map(|v| &v[..]),
-                    i if i == last => tail.as_ref().map(|v| &v[..]),
-                    _ => None,
-                };
-                fs.write_chunk(tx, &mut a, idx, offset, data, base)?;
+            // Whole chunks in one call (under extents: one run of sectors, one write); the
+            // edges read-modify-write.
+            let inner_first = first + u64::from(partial(first));
+            let inner_last = if partial(last) {
+                last.checked_sub(1)
+            } else {
+                Some(last)
+            };
+            if let Some(il) = inner_last.filter(|il| inner_first <= *il) {
+                let bytes =
+                    &data[usize_of(inner_first * c - offset)..usize_of((il + 1) * c - offset)];
+                for old in tx.put_chunks(ino, inner_first, bytes, c)? {
+                    fs.account_chunk(&mut a, old, Some(c));
+                }
+            }
+            if partial(first) {
+                fs.write_chunk(
+                    tx,
+                    &mut a,
+                    first,
+                    offset,
+                    data,
+                    head.as_ref().map(|v| &v[..]),
+                )?;
+            }
+            if last != first && partial(last) {
+                fs.write_chunk(
+                    tx,
+                    &mut a,
+                    last,
+                    offset,
+                    data,
+                    tail.as_ref().map(|v| &v[..]),
+                )?;
             }
             if let Some(by) = dropper {
                 fs.drop_privileges(tx, &mut a, by, false)?;
@@ -184,11 +211,12 @@ impl Fs {
         data: &[u8],
         base: Option<&[u8]>,
     ) -> FsResult<()> {
-        let cs = idx * C;
+        let c = self.chunk();
+        let cs = idx * c;
         let lo = offset.max(cs) - cs;
-        let hi = (offset + data.len() as u64).min(cs + C) - cs;
+        let hi = (offset + data.len() as u64).min(cs + c) - cs;
         let src = &data[usize_of(cs + lo - offset)..usize_of(cs + hi - offset)];
-        let old = if lo == 0 && hi == C {
+        let old = if lo == 0 && hi == c {
             tx.put_chunk(a.ino, idx, src)?
         } else {
             let base = base.unwrap_or(&[]);
@@ -197,8 +225,8 @@ impl Fs {
             buf[usize_of(lo)..usize_of(hi)].copy_from_slice(src);
             tx.put_chunk(a.ino, idx, &buf)?
         };
-        let new_len = if lo == 0 && hi == C {
-            C
+        let new_len = if lo == 0 && hi == c {
+            c
         } else {
             base.map_or(0, |b| b.len() as u64).max(hi)
         };
@@ -221,21 +249,22 @@ impl Fs {
     /// Sets the size of a regular file: shrinking removes chunks past the end and trims the
     /// last one (so a later extension reads zeros); growing leaves a hole. Probes first.
     pub(crate) fn truncate(&mut self, tx: &Txn, a: &mut Attr, size: u64) -> FsResult<()> {
+        let c = self.chunk();
         if size < a.size {
-            let keep = size.div_ceil(C);
-            let tail = size % C;
+            let keep = size.div_ceil(c);
+            let tail = size % c;
             let last = if tail != 0 {
-                tx.chunk(a.ino, size / C)?
+                tx.chunk(a.ino, size / c)?
             } else {
                 None
             };
-            tx.chunks_in(a.ino, keep, u64::MAX, |_, _| {})?;
+            tx.probe_chunks(a.ino, keep, u64::MAX)?;
             let (n, bytes) = tx.del_chunks(a.ino, keep, u64::MAX)?;
             a.stored = a.stored.saturating_sub(bytes);
             self.sb.chunks = self.sb.chunks.saturating_sub(n);
             self.sb.chunk_bytes = self.sb.chunk_bytes.saturating_sub(bytes);
             if let Some(data) = last.filter(|d| d.len() as u64 > tail) {
-                let old = tx.put_chunk(a.ino, size / C, &data[..usize_of(tail)])?;
+                let old = tx.put_chunk(a.ino, size / c, &data[..usize_of(tail)])?;
                 self.account_chunk(a, old, Some(tail));
             }
             self.pending_bytes += 4 * 4096;
@@ -283,13 +312,14 @@ impl Fs {
     /// Zeroes bytes `lo..hi` (clipped to the file): whole chunks are removed, edge chunks
     /// rewritten. Probes first.
     fn punch(&mut self, tx: &Txn, a: &mut Attr, lo: u64, hi: u64) -> FsResult<()> {
+        let c = self.chunk();
         let hi = hi.min(a.size);
         if lo >= hi {
             return Ok(());
         }
-        let (first, last) = (lo / C, (hi - 1) / C);
-        let span = |idx: u64| (lo.max(idx * C) - idx * C, hi.min((idx + 1) * C) - idx * C);
-        let partial = |idx: u64| span(idx) != (0, C);
+        let (first, last) = (lo / c, (hi - 1) / c);
+        let span = |idx: u64| (lo.max(idx * c) - idx * c, hi.min((idx + 1) * c) - idx * c);
+        let partial = |idx: u64| span(idx) != (0, c);
         let mut edges = Vec::new();
         if partial(first) {
             edges.push((first, tx.chunk(a.ino, first)?));
@@ -297,7 +327,7 @@ impl Fs {
         if last != first && partial(last) {
             edges.push((last, tx.chunk(a.ino, last)?));
         }
-        tx.chunks_in(a.ino, first, last, |_, _| {})?;
+        tx.probe_chunks(a.ino, first, last)?;
         let whole_first = first + u64::from(partial(first));
         let whole_last = if partial(last) {
             last.checked_sub(1)

@@ -23,6 +23,7 @@ mod check;
 mod data;
 mod dir;
 mod error;
+mod extents;
 mod fsync_log;
 mod node;
 mod schema;
@@ -31,6 +32,8 @@ mod store;
 pub mod testing;
 mod xattr;
 
+#[cfg(test)]
+mod extents_tests;
 #[cfg(test)]
 mod tests;
 
@@ -254,6 +257,8 @@ const BASE_BYTES: u64 = 256 << 10;
 /// redb's cache ([`store::CACHE_BYTES`]), whose write buffer is half of it and also holds the
 /// btree pages.
 const COMMIT_BYTES: u64 = store::CACHE_BYTES as u64 / 4;
+/// The same when file data lives in data sectors (see [`Fs::commit_if_large`]).
+const EXTENT_COMMIT_BYTES: u64 = 256 << 20;
 
 /// The filesystem. Not thread-safe by itself: the FUSE layer puts it behind one mutex.
 pub struct Fs {
@@ -285,6 +290,8 @@ pub struct Fs {
     no_xattrs: Option<bool>,
     /// Where the fsync log stands.
     log: LogState,
+    /// Where the next search for free data sectors starts (see [`extents`]).
+    alloc_hint: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -320,6 +327,7 @@ impl Fs {
             next_fh: 1,
             no_xattrs: None,
             log: LogState::default(),
+            alloc_hint: Arc::default(),
         };
         fs.log.pages = fs.backend.storage.fsync_log_pages();
         fs.open_db_checked()?;
@@ -364,9 +372,16 @@ impl Fs {
                 parent: ROOT_INO,
             };
             tx.put_attr(&root)?;
+            // File data goes to data sectors where the storage has them (schema 2), else into
+            // redb's chunk table (schema 1).
+            let (version, chunk) = if extents::supported(&*fs.backend.storage) {
+                (schema::SCHEMA_EXTENTS, schema::EXTENT_CHUNK_SIZE)
+            } else {
+                (SCHEMA_VERSION, CHUNK_SIZE)
+            };
             fs.sb = Superblock {
-                version: SCHEMA_VERSION,
-                chunk_size: CHUNK_SIZE as u32,
+                version,
+                chunk_size: chunk as u32,
                 next_ino: ROOT_INO + 1,
                 uuid: rand::random(),
                 created: now,
@@ -391,6 +406,12 @@ impl Fs {
             tx.superblock()?
                 .ok_or_else(|| FsError::Corrupt("no superblock: not a keybound filesystem".into()))
         })?;
+        if fs.sb.extents() && !extents::supported(&*fs.backend.storage) {
+            return Err(FsError::Corrupt(
+                "this filesystem keeps file data in data sectors, which the storage does not have"
+                    .into(),
+            ));
+        }
         if read_only {
             fs.refuse_unreplayed_log()?;
         } else {
@@ -399,6 +420,11 @@ impl Fs {
             fs.commit()?;
         }
         Ok(fs)
+    }
+
+    /// Bytes per chunk of file data.
+    pub(crate) fn chunk(&self) -> u64 {
+        self.sb.chunk()
     }
 
     /// The filesystem's UUID (random at creation).
@@ -509,8 +535,15 @@ impl Fs {
     /// still fit redb's write buffer. Past it, redb spills dirty pages to the store, reads every
     /// spilled page back at commit (to checksum it: decrypting what was just encrypted) and
     /// writes it again. Not while a backup holds the vault still.
+    /// Under extents the file data is not in the transaction, only its records: it commits
+    /// every [`EXTENT_COMMIT_BYTES`], which bounds what the freed table holds back.
     pub(crate) fn commit_if_large(&mut self) -> FsResult<()> {
-        if self.written_since_commit < COMMIT_BYTES || self.backend.storage.holds_commits() {
+        let limit = if self.sb.extents() {
+            EXTENT_COMMIT_BYTES
+        } else {
+            COMMIT_BYTES
+        };
+        if self.written_since_commit < limit || self.backend.storage.holds_commits() {
             return Ok(());
         }
         self.commit()
@@ -582,6 +615,7 @@ impl Fs {
         }
         let before = self.damaged_reads();
         let txn = self.take_txn()?;
+        txn.set_extents(self.sb.extents());
         txn.begin_op();
         let outcome = catch_unwind(AssertUnwindSafe(|| f(self, &txn)));
         let damage = self.damaged_reads() != before;
@@ -616,7 +650,8 @@ impl Fs {
         }
         let db = self.db.as_ref().ok_or(FsError::Failed)?;
         let storage = &self.backend.storage;
-        catch_unwind(AssertUnwindSafe(|| db.begin(storage))).map_err(|_| FsError::Damaged)?
+        let hint = &self.alloc_hint;
+        catch_unwind(AssertUnwindSafe(|| db.begin(storage, hint))).map_err(|_| FsError::Damaged)?
     }
 
     /// An operation read a damaged sector. Nothing it read is returned. redb's page cache may
@@ -705,7 +740,7 @@ impl Fs {
         let Some(db) = &self.db else { return };
         let before = self.damaged_reads();
         let sb = catch_unwind(AssertUnwindSafe(|| {
-            db.begin(&self.backend.storage)
+            db.begin(&self.backend.storage, &self.alloc_hint)
                 .and_then(|tx| tx.superblock())
         }));
         if self.damaged_reads() != before || sb.is_err() {

@@ -333,7 +333,7 @@ impl Fs {
 
     /// Reads every record [`Fs::purge`] will remove, so damage shows before anything changes.
     pub(crate) fn probe_purge(&self, tx: &Txn, ino: u64) -> FsResult<()> {
-        tx.chunks_in(ino, 0, u64::MAX, |_, _| {})?;
+        tx.probe_chunks(ino, 0, u64::MAX)?;
         tx.list_xattrs(ino, |_, _| {})?;
         tx.symlink(ino)?;
         tx.attr(ino)?;

@@ -23,16 +23,29 @@ pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_SIZE_MAX: usize = 65_536;
 /// Largest file size (bytes); beyond it writes and truncates fail with EFBIG.
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-/// Schema version written in the superblock.
+/// Schema version of a filesystem whose file data lives in redb's chunk table (the first).
 pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version of a filesystem whose chunk table holds extents: file data lives in the
+/// storage's data sectors ([`super::extents`]), in chunks of [`EXTENT_CHUNK_SIZE`].
+pub const SCHEMA_EXTENTS: u32 = 2;
+/// Bytes per chunk under [`SCHEMA_EXTENTS`]: 16 whole sectors, so a write of whole mebibytes
+/// is whole chunks.
+pub const EXTENT_CHUNK_SIZE: u64 = 65_536;
 
 /// ino → [`Attr`] encoding (ATTR_LEN bytes).
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 /// (parent ino, name) → (child ino, kind code).
 pub(crate) const DIRENTS: TableDefinition<(u64, &[u8]), (u64, u8)> =
     TableDefinition::new("dirents");
-/// (ino, chunk index) → up to CHUNK_SIZE bytes of data at offset index × CHUNK_SIZE.
+/// (ino, chunk index) → up to CHUNK_SIZE bytes of data at offset index × CHUNK_SIZE; under
+/// [`SCHEMA_EXTENTS`], the chunk's extent record instead ([`super::extents::Extent`]).
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
+/// First sector → sectors: free runs in data segments ([`SCHEMA_EXTENTS`]).
+pub(crate) const FREE_RUNS: TableDefinition<u64, u64> = TableDefinition::new("free_runs");
+/// First sector → sectors: runs the open transaction stopped using; free from the next one.
+pub(crate) const FREED_RUNS: TableDefinition<u64, u64> = TableDefinition::new("freed_runs");
+/// First sector of each data segment the filesystem claimed → ().
+pub(crate) const DATA_SEGMENTS: TableDefinition<u64, ()> = TableDefinition::new("data_segments");
 /// (ino, xattr name) → value.
 pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
 /// ino → symlink target bytes.
@@ -267,6 +280,16 @@ impl Superblock {
         }
     }
 
+    /// Whether file data lives in data sectors (the chunk table holds extents).
+    pub(crate) fn extents(&self) -> bool {
+        self.version == SCHEMA_EXTENTS
+    }
+
+    /// Bytes per chunk.
+    pub(crate) fn chunk(&self) -> u64 {
+        u64::from(self.chunk_size)
+    }
+
     pub(crate) fn encode(&self) -> [u8; SUPER_LEN] {
         let mut b = [0u8; SUPER_LEN];
         let mut w = Writer(&mut b, 0);
@@ -308,7 +331,11 @@ impl Superblock {
             chunk_bytes: r.u64(),
             meta_bytes: r.u64(),
         };
-        if sb.version != SCHEMA_VERSION || u64::from(sb.chunk_size) != CHUNK_SIZE {
+        let known = matches!(
+            (sb.version, u64::from(sb.chunk_size)),
+            (SCHEMA_VERSION, CHUNK_SIZE) | (SCHEMA_EXTENTS, EXTENT_CHUNK_SIZE)
+        );
+        if !known {
             return Err(FsError::Corrupt(format!(
                 "unsupported schema version {} / chunk size {}",
                 sb.version, sb.chunk_size

@@ -7,6 +7,7 @@
 use crate::secrets::PlainBuf;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use redb::{
     Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -16,9 +17,11 @@ use redb::{
 use super::Storage;
 use super::backend::Backend;
 use super::error::{FsError, FsResult};
+use super::extents::{self, Extent, Space};
 use super::fsync_log::{self, Dirty, Entry, Key, Name};
 use super::schema::{
-    Attr, CHUNKS, DIRENTS, FileKind, INODES, ORPHANS, SUPER, SYMLINKS, Superblock, XATTRS,
+    Attr, CHUNKS, DATA_SEGMENTS, DIRENTS, FREE_RUNS, FREED_RUNS, FileKind, INODES, ORPHANS, SUPER,
+    SYMLINKS, Superblock, XATTRS,
 };
 
 /// redb's page cache and write buffer (half of it at most). Sized for the write buffer: a
@@ -43,8 +46,18 @@ pub(crate) enum Txn {
         storage: Arc<dyn Storage>,
         /// Keys changed since the last append to the fsync log, when the store has one.
         dirty: Option<RefCell<Dirty>>,
+        /// Whether the chunk table holds extents ([`extents`]), as the superblock says.
+        extents: Cell<bool>,
+        /// Whether what the last transaction freed was made free in this one.
+        settled: Cell<bool>,
+        /// Where the next search for free sectors starts.
+        hint: Arc<AtomicU64>,
     },
-    R(ReadTransaction),
+    R {
+        txn: ReadTransaction,
+        storage: Arc<dyn Storage>,
+        extents: Cell<bool>,
+    },
 }
 
 pub(crate) fn open_db(backend: &Backend, read_only: bool) -> FsResult<Db> {
@@ -58,7 +71,7 @@ pub(crate) fn open_db(backend: &Backend, read_only: bool) -> FsResult<Db> {
 }
 
 impl Db {
-    pub fn begin(&self, storage: &Arc<dyn Storage>) -> FsResult<Txn> {
+    pub fn begin(&self, storage: &Arc<dyn Storage>, hint: &Arc<AtomicU64>) -> FsResult<Txn> {
         Ok(match self {
             Db::W(db) => {
                 let mut txn = db.begin_write()?;
@@ -70,9 +83,16 @@ impl Db {
                     start: Cell::new(storage.damaged_reads()),
                     storage: storage.clone(),
                     dirty: (storage.fsync_log_pages() > 0).then(RefCell::default),
+                    extents: Cell::new(false),
+                    settled: Cell::new(false),
+                    hint: hint.clone(),
                 }
             }
-            Db::R(db) => Txn::R(db.begin_read()?),
+            Db::R(db) => Txn::R {
+                txn: db.begin_read()?,
+                storage: storage.clone(),
+                extents: Cell::new(false),
+            },
         })
     }
 }
@@ -85,7 +105,7 @@ macro_rules! read_table {
                 let $t = txn.open_table($def)?;
                 $body
             }
-            Txn::R(txn) => {
+            Txn::R { txn, .. } => {
                 let $t = txn.open_table($def)?;
                 $body
             }
@@ -116,7 +136,7 @@ impl Txn {
                 mutated.set(true);
                 Ok(txn)
             }
-            Txn::R(_) => Err(FsError::ReadOnly),
+            Txn::R { .. } => Err(FsError::ReadOnly),
         }
     }
 
@@ -162,6 +182,9 @@ impl Txn {
         w.open_table(SYMLINKS)?;
         w.open_table(ORPHANS)?;
         w.open_table(SUPER)?;
+        w.open_table(FREE_RUNS)?;
+        w.open_table(FREED_RUNS)?;
+        w.open_table(DATA_SEGMENTS)?;
         Ok(())
     }
 
@@ -255,13 +278,76 @@ impl Txn {
 
     // --- chunks ---
 
+    /// Tells the transaction whether the chunk table holds extents (the superblock's schema).
+    pub fn set_extents(&self, on: bool) {
+        match self {
+            Txn::W { extents, .. } | Txn::R { extents, .. } => extents.set(on),
+        }
+    }
+
+    fn extents(&self) -> bool {
+        match self {
+            Txn::W { extents, .. } | Txn::R { extents, .. } => extents.get(),
+        }
+    }
+
+    fn storage(&self) -> &Arc<dyn Storage> {
+        match self {
+            Txn::W { storage, .. } | Txn::R { storage, .. } => storage,
+        }
+    }
+
+    /// The free-space tables, for a change. The first change of each transaction makes free
+    /// what the last one freed ([`Space::settle_freed`]): its commit is durable now.
+    fn space(&self) -> FsResult<Space<'_>> {
+        let w = self.w()?;
+        let Txn::W {
+            storage,
+            hint,
+            settled,
+            ..
+        } = self
+        else {
+            return Err(FsError::ReadOnly);
+        };
+        let space = Space {
+            w,
+            storage,
+            hint: hint.as_ref(),
+        };
+        if !settled.get() {
+            space.settle_freed()?;
+            settled.set(true);
+        }
+        Ok(space)
+    }
+
+    /// The length of the chunk whose value is `value`.
+    fn value_len(&self, value: &[u8]) -> FsResult<u64> {
+        if self.extents() {
+            Ok(Extent::decode(value)?.len)
+        } else {
+            Ok(len64(value))
+        }
+    }
+
     pub fn chunk(&self, ino: u64, idx: u64) -> FsResult<Option<PlainBuf>> {
+        if self.extents() {
+            let e = read_table!(self, CHUNKS, |t| t
+                .get((ino, idx))?
+                .map(|v| Extent::decode(v.value())));
+            return e
+                .transpose()?
+                .map(|e| extents::read_extent(self.storage(), e))
+                .transpose();
+        }
         read_table!(self, CHUNKS, |t| Ok(t
             .get((ino, idx))?
             .map(|v| PlainBuf::from(v.value().to_vec()))))
     }
 
-    /// Reads the chunk without keeping it (a probe: damage shows before anything changes).
+    /// Reads the chunk's record without keeping it (a probe: damage shows before anything
+    /// changes).
     pub fn probe_chunk(&self, ino: u64, idx: u64) -> FsResult<()> {
         read_table!(self, CHUNKS, |t| {
             t.get((ino, idx))?;
@@ -279,6 +365,18 @@ impl Txn {
         last: u64,
         mut f: impl FnMut(u64, &[u8]),
     ) -> FsResult<()> {
+        if self.extents() {
+            let found: Vec<(u64, Extent)> = read_table!(self, CHUNKS, |t| {
+                let mut found = Vec::new();
+                for idx in first..=last {
+                    if let Some(v) = t.get((ino, idx))? {
+                        found.push((idx, Extent::decode(v.value())?));
+                    }
+                }
+                found
+            });
+            return self.read_extents(&found, f);
+        }
         read_table!(self, CHUNKS, |t| {
             for idx in first..=last {
                 if let Some(v) = t.get((ino, idx))? {
@@ -289,18 +387,43 @@ impl Txn {
         })
     }
 
-    /// Calls `f(index, data)` for each stored chunk with index in `first..=last` (a range scan).
-    pub fn chunks_in(
-        &self,
-        ino: u64,
-        first: u64,
-        last: u64,
-        mut f: impl FnMut(u64, &[u8]),
-    ) -> FsResult<()> {
+    /// Reads the extents, those that follow one another on the storage with one call, and
+    /// hands each chunk's bytes to `f` in order.
+    fn read_extents(&self, found: &[(u64, Extent)], mut f: impl FnMut(u64, &[u8])) -> FsResult<()> {
+        let s = extents::SECTOR;
+        let mut buf = PlainBuf::default();
+        let mut at = 0;
+        while at < found.len() {
+            let mut end = at + 1;
+            while end < found.len() {
+                let (prev, next) = (found[end - 1].1, found[end].1);
+                if prev.len % s != 0 || prev.first + prev.sectors() != next.first {
+                    break;
+                }
+                end += 1;
+            }
+            let run = &found[at..end];
+            let sectors: u64 = run.iter().map(|(_, e)| e.sectors()).sum();
+            buf.clear();
+            buf.resize((sectors * s) as usize, 0);
+            self.storage()
+                .read_data_sectors(run[0].1.first, &mut buf)
+                .map_err(|e| FsError::Store(format!("data sectors: {e}")))?;
+            for (idx, e) in run {
+                let o = ((e.first - run[0].1.first) * s) as usize;
+                f(*idx, &buf[o..o + e.len as usize]);
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Reads the records of the chunks with index in `first..=last` (a range scan), without
+    /// their data: a probe before they are removed.
+    pub fn probe_chunks(&self, ino: u64, first: u64, last: u64) -> FsResult<()> {
         read_table!(self, CHUNKS, |t| {
             for e in t.range((ino, first)..=(ino, last))? {
-                let (k, v) = e?;
-                f(k.value().1, v.value());
+                e?;
             }
             Ok(())
         })
@@ -308,14 +431,68 @@ impl Txn {
 
     /// Stores a chunk; returns the length of the value it replaced, if any.
     pub fn put_chunk(&self, ino: u64, idx: u64, data: &[u8]) -> FsResult<Option<u64>> {
+        if self.extents() {
+            return Ok(self.put_chunks(ino, idx, data, data.len().max(1) as u64)?[0]);
+        }
         let w = self.w()?;
         self.touch(Key::Chunk(ino, idx));
         let mut t = w.open_table(CHUNKS)?;
         Ok(t.insert((ino, idx), data)?.map(|old| len64(old.value())))
     }
 
+    /// Stores `data` as chunks `first..` of `chunk` bytes each (the last may be shorter);
+    /// returns the length each replaced. Under extents, one run of sectors where there is room
+    /// for all of them, written at once.
+    pub fn put_chunks(
+        &self,
+        ino: u64,
+        first: u64,
+        data: &[u8],
+        chunk: u64,
+    ) -> FsResult<Vec<Option<u64>>> {
+        if !self.extents() {
+            return data
+                .chunks(chunk as usize)
+                .enumerate()
+                .map(|(i, part)| self.put_chunk(ino, first + i as u64, part))
+                .collect();
+        }
+        let space = self.space()?;
+        let sectors = extents::sectors_for(data.len() as u64, chunk);
+        let written = match space.take(sectors)? {
+            Some(at) => extents::write_chunks(self.storage(), at, data, chunk)?,
+            None => {
+                // No single run holds them all (or more than a segment): one chunk at a time.
+                let mut all = Vec::new();
+                for part in data.chunks(chunk as usize) {
+                    let n = extents::sectors_for(part.len() as u64, chunk);
+                    let at = space.take(n)?.ok_or_else(|| {
+                        FsError::Store("a chunk is larger than a data segment".into())
+                    })?;
+                    all.extend(extents::write_chunks(self.storage(), at, part, chunk)?);
+                }
+                all
+            }
+        };
+        let mut t = space.w.open_table(CHUNKS)?;
+        let mut replaced = Vec::with_capacity(written.len());
+        for (i, e) in written.iter().enumerate() {
+            let idx = first + i as u64;
+            self.touch(Key::Chunk(ino, idx));
+            let old = t.insert((ino, idx), &e.encode()[..])?;
+            let old = old.map(|v| Extent::decode(v.value())).transpose()?;
+            if let Some(old) = old {
+                space.release(old)?;
+            }
+            replaced.push(old.map(|o| o.len));
+        }
+        Ok(replaced)
+    }
+
     /// Removes the chunks with index in `first..=last`; returns (count, bytes) removed.
     pub fn del_chunks(&self, ino: u64, first: u64, last: u64) -> FsResult<(u64, u64)> {
+        let extents = self.extents();
+        let space = if extents { Some(self.space()?) } else { None };
         let w = self.w()?;
         let mut t = w.open_table(CHUNKS)?;
         let (mut n, mut bytes) = (0, 0);
@@ -323,7 +500,14 @@ impl Txn {
             let (k, v) = e?;
             self.touch(Key::Chunk(ino, k.value().1));
             n += 1;
-            bytes += len64(v.value());
+            match &space {
+                Some(space) => {
+                    let e = Extent::decode(v.value())?;
+                    bytes += e.len;
+                    space.release(e)?;
+                }
+                None => bytes += len64(v.value()),
+            }
         }
         Ok((n, bytes))
     }
@@ -505,6 +689,11 @@ impl Txn {
                     b
                 }))
             }
+            Key::Chunk(ino, idx) if self.extents() => {
+                read_table!(self, CHUNKS, |t| t
+                    .get((*ino, *idx))?
+                    .map(|v| bytes(v.value())))
+            }
             Key::Chunk(ino, idx) => self.chunk(*ino, *idx)?,
             Key::Xattr(ino, name) => self.xattr(*ino, &name.0)?,
             Key::Symlink(ino) => self.symlink(*ino)?,
@@ -519,6 +708,11 @@ impl Txn {
 
     /// Applies one entry of a log record: the key gets the value, or is removed.
     pub fn apply_log_entry(&self, (key, value): &Entry) -> FsResult<()> {
+        if let Key::Chunk(ino, idx) = key
+            && self.extents()
+        {
+            return self.replay_extent(*ino, *idx, value.as_ref().map(|v| &v[..]));
+        }
         let w = self.w()?;
         let bad = || FsError::Corrupt("a directory entry in the fsync log is not 9 bytes".into());
         match (key, value.as_deref()) {
@@ -556,14 +750,40 @@ impl Txn {
     }
 }
 
+impl Txn {
+    /// Replays a log entry that points chunk `idx` of `ino` at an extent (or removes it): the
+    /// extent it replaces is freed, and the one it names is taken out of the free tables (the
+    /// transaction that took it was lost).
+    fn replay_extent(&self, ino: u64, idx: u64, value: Option<&[u8]>) -> FsResult<()> {
+        let new = value.map(Extent::decode).transpose()?;
+        let space = self.space()?;
+        let mut t = space.w.open_table(CHUNKS)?;
+        let old = match new {
+            Some(e) => t.insert((ino, idx), &e.encode()[..])?,
+            None => t.remove((ino, idx))?,
+        };
+        let old = old.map(|v| Extent::decode(v.value())).transpose()?;
+        drop(t);
+        if old == new {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            space.release(old)?;
+        }
+        if let Some(new) = new {
+            space.take_exact(new)?;
+        }
+        Ok(())
+    }
+}
+
 // Reads for the consistency check (`super::check`). Each calls `f` for every record in key order
 // until `f` returns false; none of them changes anything.
 impl Txn {
     /// The length of chunk `idx` of `ino`, if it is stored (its value is read).
     pub fn chunk_len(&self, ino: u64, idx: u64) -> FsResult<Option<u64>> {
-        read_table!(self, CHUNKS, |t| Ok(t
-            .get((ino, idx))?
-            .map(|v| len64(v.value()))))
+        // Under extents the data sectors are read too: the check reports damage there.
+        Ok(self.chunk(ino, idx)?.map(|v| len64(&v)))
     }
 
     /// `f(ino, index, len)` for each chunk from key `from` on.
@@ -576,7 +796,7 @@ impl Txn {
             for e in t.range(from..)? {
                 let (k, v) = e?;
                 let (ino, idx) = k.value();
-                if !f(ino, idx, len64(v.value())) {
+                if !f(ino, idx, self.value_len(v.value())?) {
                     break;
                 }
             }

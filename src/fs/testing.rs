@@ -29,6 +29,10 @@ pub struct PlainFileStorage {
     /// as torn.
     log: Option<(File, u64)>,
     torn: Mutex<Vec<u64>>,
+    /// Data sectors, in a file beside this one (`<path>.data`), sector n at n × 4096, and the
+    /// sectors per segment; claimed segments are those below the file's length.
+    data: Option<(File, u64)>,
+    damaged_data: Mutex<Vec<u64>>,
 }
 
 impl PlainFileStorage {
@@ -61,7 +65,38 @@ impl PlainFileStorage {
             damaged_reads: AtomicU64::new(0),
             log: None,
             torn: Mutex::new(Vec::new()),
+            data: None,
+            damaged_data: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Gives the storage data segments of `sectors` sectors, kept in `<path>.data` (created
+    /// empty if missing, so a reopen finds what was written).
+    pub fn with_data_segments(mut self, sectors: u64) -> io::Result<Self> {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".data");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(PathBuf::from(p))?;
+        self.data = Some((file, sectors));
+        Ok(self)
+    }
+
+    /// From now on, reads of data sector `sector` return zeros and count as damaged.
+    pub fn damage_data_sector(&self, sector: u64) {
+        self.damaged_data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sector);
+    }
+
+    fn data(&self) -> io::Result<&(File, u64)> {
+        self.data
+            .as_ref()
+            .ok_or_else(|| io::ErrorKind::Unsupported.into())
     }
 
     /// Gives the storage an fsync log of `pages` pages, kept in `<path>.fsync-log` (created
@@ -153,6 +188,9 @@ impl redb::StorageBackend for PlainFileStorage {
         if let Some((log, _)) = &self.log {
             log.sync_data()?;
         }
+        if let Some((data, _)) = &self.data {
+            data.sync_data()?;
+        }
         self.file.sync_data()
     }
 
@@ -196,6 +234,51 @@ impl Storage for PlainFileStorage {
             out.fill(0);
         }
         Ok(!torn)
+    }
+
+    fn data_segment_sectors(&self) -> u64 {
+        self.data.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    fn claim_data_segment(&self) -> io::Result<u64> {
+        let (file, n) = self.data()?;
+        let bytes = n * SECTOR;
+        let len = file.metadata()?.len().div_ceil(bytes) * bytes;
+        file.set_len(len + bytes)?;
+        Ok(len / SECTOR)
+    }
+
+    fn write_data_sectors(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        let (file, _) = self.data()?;
+        let end = first * SECTOR + plain.len() as u64;
+        if !(plain.len() as u64).is_multiple_of(SECTOR) || end > file.metadata()?.len() {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        file.write_all_at(plain, first * SECTOR)?;
+        self.damaged_data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| !(first..end / SECTOR).contains(s));
+        Ok(())
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        let (file, _) = self.data()?;
+        file.read_exact_at(out, first * SECTOR)?;
+        let count = out.len() as u64 / SECTOR;
+        for &s in self
+            .damaged_data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            if (first..first + count).contains(&s) {
+                let at = ((s - first) * SECTOR) as usize;
+                out[at..at + SECTOR as usize].fill(0);
+                self.damaged_reads.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
     }
 
     fn write_fsync_log(&self, index: u64, pages: &[u8]) -> io::Result<()> {

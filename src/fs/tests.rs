@@ -10,12 +10,27 @@ pub(super) const ME: Caller = Caller {
     gid: 1000,
 };
 
+thread_local! {
+    /// Sectors per data segment of the storage the tests on this thread build; 0: none, file
+    /// data in redb's chunk table (schema 1).
+    static DATA_SEGMENTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `test` with storages that have data segments of 64 sectors (file data outside redb,
+/// schema 2), small so that tests cross segments.
+pub(super) fn with_extents(test: impl FnOnce()) {
+    DATA_SEGMENTS.with(|d| d.set(64));
+    test();
+    DATA_SEGMENTS.with(|d| d.set(0));
+}
+
 /// A filesystem on plain-file storage in a temp dir (also used by the fs check's tests).
 pub(super) struct T {
     _dir: tempfile::TempDir,
     pub(super) path: std::path::PathBuf,
-    storage: Arc<PlainFileStorage>,
+    pub(super) storage: Arc<PlainFileStorage>,
     log_pages: u64,
+    data_segments: u64,
 }
 
 impl T {
@@ -28,7 +43,7 @@ impl T {
     }
 
     /// With an fsync log of `pages` pages.
-    fn with_log(pages: u64) -> (Self, Fs) {
+    pub(super) fn with_log(pages: u64) -> (Self, Fs) {
         Self::build(None, pages)
     }
 
@@ -39,6 +54,10 @@ impl T {
         if log_pages > 0 {
             storage = storage.with_fsync_log(log_pages).unwrap();
         }
+        let data_segments = DATA_SEGMENTS.with(|d| d.get());
+        if data_segments > 0 {
+            storage = storage.with_data_segments(data_segments).unwrap();
+        }
         let storage = Arc::new(storage);
         let fs = Fs::create(storage.clone(), 1000, 1000).unwrap();
         let t = Self {
@@ -46,11 +65,12 @@ impl T {
             path,
             storage,
             log_pages,
+            data_segments,
         };
         (t, fs)
     }
 
-    fn reopen(&mut self, read_only: bool) -> Fs {
+    pub(super) fn reopen(&mut self, read_only: bool) -> Fs {
         self.try_reopen(read_only).unwrap()
     }
 
@@ -65,9 +85,13 @@ impl T {
         let storage = PlainFileStorage::open(&self.path)
             .unwrap()
             .with_capacity(cap);
-        match self.log_pages {
+        let storage = match self.log_pages {
             0 => storage,
             pages => storage.with_fsync_log(pages).unwrap(),
+        };
+        match self.data_segments {
+            0 => storage,
+            n => storage.with_data_segments(n).unwrap(),
         }
     }
 }
@@ -112,7 +136,7 @@ fn names(fs: &mut Fs, dir: u64) -> Vec<String> {
 }
 
 #[test]
-fn root_and_basic_files() {
+pub(super) fn root_and_basic_files() {
     let (_t, mut fs) = T::new();
     let root = fs.getattr(ROOT_INO).unwrap();
     assert_eq!(
@@ -145,7 +169,7 @@ fn root_and_basic_files() {
 }
 
 #[test]
-fn unaligned_writes_match_a_model() {
+pub(super) fn unaligned_writes_match_a_model() {
     let (mut t, mut fs) = T::new();
     let ino = mkfile(&mut fs, ROOT_INO, "m", b"");
     let mut model = Vec::new();
@@ -198,7 +222,7 @@ fn unaligned_writes_match_a_model() {
 }
 
 #[test]
-fn sparse_files_and_truncate() {
+pub(super) fn sparse_files_and_truncate() {
     let (_t, mut fs) = T::new();
     let ino = mkfile(&mut fs, ROOT_INO, "s", b"");
     fs.write(ino, 10 << 20, b"end").unwrap();
@@ -228,7 +252,7 @@ fn sparse_files_and_truncate() {
 }
 
 #[test]
-fn fallocate_modes() {
+pub(super) fn fallocate_modes() {
     let (_t, mut fs) = T::new();
     let f = mkfile(&mut fs, ROOT_INO, "f", &[1; 200_000]);
     fs.fallocate(f, 0, 300_000, 0).unwrap();
@@ -251,7 +275,7 @@ fn fallocate_modes() {
 }
 
 #[test]
-fn renames() {
+pub(super) fn renames() {
     let (_t, mut fs) = T::new();
     let a = fs.mkdir(ROOT_INO, b"a", 0o755, ME).unwrap().ino;
     let b = fs.mkdir(ROOT_INO, b"b", 0o755, ME).unwrap().ino;
@@ -314,7 +338,7 @@ fn renames() {
 }
 
 #[test]
-fn links_and_unlink_while_open() {
+pub(super) fn links_and_unlink_while_open() {
     let (mut t, mut fs) = T::new();
     let f = mkfile(&mut fs, ROOT_INO, "f", b"hello");
     fs.link(f, ROOT_INO, b"g").unwrap();
@@ -347,7 +371,7 @@ fn links_and_unlink_while_open() {
 }
 
 #[test]
-fn xattrs() {
+pub(super) fn xattrs() {
     let (_t, mut fs) = T::new();
     let f = mkfile(&mut fs, ROOT_INO, "f", b"");
     fs.setxattr(f, b"user.a", b"1", 0).unwrap();
@@ -384,7 +408,7 @@ fn xattrs() {
 }
 
 #[test]
-fn setattr_times_and_modes() {
+pub(super) fn setattr_times_and_modes() {
     let (_t, mut fs) = T::new();
     let f = mkfile(&mut fs, ROOT_INO, "f", b"x");
     let t0 = Timespec {
@@ -430,7 +454,7 @@ fn setattr_times_and_modes() {
 }
 
 #[test]
-fn rmdir_and_readdir_snapshot() {
+pub(super) fn rmdir_and_readdir_snapshot() {
     let (_t, mut fs) = T::new();
     let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap().ino;
     for i in 0..50 {
@@ -468,7 +492,7 @@ fn rmdir_and_readdir_snapshot() {
 }
 
 #[test]
-fn persistence_and_crash() {
+pub(super) fn persistence_and_crash() {
     let (mut t, mut fs) = T::new();
     let data = pattern(3, 1 << 20);
     let f = mkfile(&mut fs, ROOT_INO, "kept", &data);
@@ -505,7 +529,7 @@ fn persistence_and_crash() {
 }
 
 #[test]
-fn commit_timer_policy() {
+pub(super) fn commit_timer_policy() {
     let (_t, mut fs) = T::new();
     assert!(!fs.is_dirty());
     mkfile(&mut fs, ROOT_INO, "f", b"x");
@@ -522,7 +546,7 @@ fn commit_timer_policy() {
 }
 
 #[test]
-fn a_large_write_commits_once_it_would_outgrow_the_write_buffer() {
+pub(super) fn a_large_write_commits_once_it_would_outgrow_the_write_buffer() {
     let (mut t, mut fs) = T::new();
     let ino = mkfile(&mut fs, ROOT_INO, "big", b"");
     let block = pattern(7, 1 << 20);
@@ -560,7 +584,7 @@ fn is_eio<T: std::fmt::Debug>(r: &FsResult<T>) -> bool {
 }
 
 #[test]
-fn damage_fails_that_file_only() {
+pub(super) fn damage_fails_that_file_only() {
     let (mut t, mut fs) = T::new();
     let a_data = pattern(11, 200_000);
     let b_data = pattern(12, 200_000);
@@ -605,7 +629,7 @@ fn damage_fails_that_file_only() {
 }
 
 #[test]
-fn damaged_structure_pages_do_not_panic() {
+pub(super) fn damaged_structure_pages_do_not_panic() {
     let (mut t, mut fs) = T::new();
     for i in 0..300 {
         mkfile(
@@ -636,7 +660,7 @@ fn damaged_structure_pages_do_not_panic() {
 }
 
 #[test]
-fn fixed_capacity_gives_enospc_not_failure() {
+pub(super) fn fixed_capacity_gives_enospc_not_failure() {
     let (mut t, mut fs) = T::with_capacity(Some(24 << 20));
     let keep = mkfile(&mut fs, ROOT_INO, "keep", b"precious");
     fs.commit().unwrap();
@@ -667,7 +691,7 @@ fn fixed_capacity_gives_enospc_not_failure() {
 }
 
 #[test]
-fn statfs_is_sane() {
+pub(super) fn statfs_is_sane() {
     let (_t, mut fs) = T::new();
     let before = fs.statfs();
     mkfile(&mut fs, ROOT_INO, "f", &[1; 1 << 20]);
@@ -693,13 +717,16 @@ fn committed_has(t: &mut T, name: &str) -> bool {
 impl T {
     /// Opens the store alone, read-only, as if it had no log: the last commit.
     fn reopen_without_log(&mut self) -> Fs {
-        let storage = Arc::new(PlainFileStorage::open(&self.path).unwrap());
-        Fs::open(storage, true).unwrap()
+        let mut storage = PlainFileStorage::open(&self.path).unwrap();
+        if self.data_segments > 0 {
+            storage = storage.with_data_segments(self.data_segments).unwrap();
+        }
+        Fs::open(Arc::new(storage), true).unwrap()
     }
 }
 
 #[test]
-fn an_fsync_goes_to_the_log_and_a_crash_keeps_it() {
+pub(super) fn an_fsync_goes_to_the_log_and_a_crash_keeps_it() {
     let (mut t, mut fs) = T::with_log(64);
     let data = pattern(11, 10_000);
     let f = mkfile(&mut fs, ROOT_INO, "synced", &data);
@@ -736,7 +763,7 @@ fn an_fsync_goes_to_the_log_and_a_crash_keeps_it() {
 }
 
 #[test]
-fn records_replay_in_order_and_deletions_count() {
+pub(super) fn records_replay_in_order_and_deletions_count() {
     let (mut t, mut fs) = T::with_log(64);
     let a = mkfile(&mut fs, ROOT_INO, "a", b"first");
     mkfile(&mut fs, ROOT_INO, "b", b"bee");
@@ -754,7 +781,7 @@ fn records_replay_in_order_and_deletions_count() {
 }
 
 #[test]
-fn a_torn_record_ends_the_replay() {
+pub(super) fn a_torn_record_ends_the_replay() {
     let (mut t, mut fs) = T::with_log(64);
     mkfile(&mut fs, ROOT_INO, "one", b"1");
     fs.sync().unwrap();
@@ -778,7 +805,7 @@ fn a_torn_record_ends_the_replay() {
 }
 
 #[test]
-fn a_commit_retires_the_records_before_it() {
+pub(super) fn a_commit_retires_the_records_before_it() {
     let (mut t, mut fs) = T::with_log(64);
     mkfile(&mut fs, ROOT_INO, "gone", b"g");
     fs.sync().unwrap();
@@ -798,7 +825,7 @@ fn a_commit_retires_the_records_before_it() {
 }
 
 #[test]
-fn an_fsync_that_does_not_fit_the_log_commits() {
+pub(super) fn an_fsync_that_does_not_fit_the_log_commits() {
     let (mut t, mut fs) = T::with_log(4);
     mkfile(&mut fs, ROOT_INO, "big", &pattern(5, 100_000));
     fs.sync().unwrap();
@@ -824,7 +851,7 @@ fn an_fsync_that_does_not_fit_the_log_commits() {
 }
 
 #[test]
-fn an_orphan_logged_at_fsync_is_purged_after_the_crash() {
+pub(super) fn an_orphan_logged_at_fsync_is_purged_after_the_crash() {
     let (mut t, mut fs) = T::with_log(64);
     let f = mkfile(&mut fs, ROOT_INO, "open", &pattern(9, 5000));
     fs.open_file(f).unwrap();
@@ -842,7 +869,7 @@ fn an_orphan_logged_at_fsync_is_purged_after_the_crash() {
 }
 
 #[test]
-fn the_check_sees_what_the_log_holds() {
+pub(super) fn the_check_sees_what_the_log_holds() {
     let (t, mut fs) = T::with_log(64);
     let f = mkfile(&mut fs, ROOT_INO, "synced", &pattern(4, 9000));
     fs.sync().unwrap();
