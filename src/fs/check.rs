@@ -112,6 +112,7 @@ pub const SUBJECT_DIRENTS: &str = "filesystem metadata (the directory entry tabl
 pub const SUBJECT_SYMLINKS: &str = "filesystem metadata (the symlink table)";
 pub const SUBJECT_XATTRS: &str = "filesystem metadata (the xattr table)";
 pub const SUBJECT_CHUNKS: &str = "filesystem metadata (the chunk table)";
+pub const SUBJECT_DATA_SECTORS: &str = "filesystem metadata (where file data lies)";
 
 /// A file name for a report: UTF-8 as it is, other bytes and control characters escaped.
 fn push_name(out: &mut String, name: &[u8]) {
@@ -147,6 +148,15 @@ pub(crate) fn kind_name(kind: FileKind) -> &'static str {
         FileKind::Socket => "socket",
         FileKind::CharDev => "character device",
         FileKind::BlockDev => "block device",
+    }
+}
+
+fn run_owner(o: super::store::RunOwner) -> String {
+    use super::store::RunOwner;
+    match o {
+        RunOwner::Chunk { ino, idx } => format!("chunk {idx} of inode {ino}"),
+        RunOwner::Free => "the free list".into(),
+        RunOwner::Freed => "the list freed by the last commit".into(),
     }
 }
 
@@ -336,6 +346,9 @@ impl Checker<'_> {
             self.scan_xattrs();
         }
         self.scan_chunk_gaps();
+        if self.fs.sb.extents() {
+            self.scan_data_sectors();
+        }
         self.store_unreadable();
         if self.not_reached > 0 {
             self.report.incomplete.push(format!(
@@ -1141,6 +1154,58 @@ impl Checker<'_> {
                 format!("extended attributes of inode {ino}, which is not reachable"),
             );
         }
+    }
+
+    /// Schema 2: every data sector is held by one chunk or is free, and lies in a recorded data
+    /// segment. Two owners of a sector would let a write destroy another file's data; a sector
+    /// owned by nobody is only space lost.
+    fn scan_data_sectors(&mut self) {
+        let seg = self.fs.backend.storage.data_segment_sectors();
+        let r = self.fs.run(Mode::Read, |_, tx| tx.data_runs());
+        let (runs, segments) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.metadata_failed(SUBJECT_DATA_SECTORS, &e, "data sectors not accounted");
+                return;
+            }
+        };
+        let segments: HashSet<u64> = segments.into_iter().collect();
+        let mut problems = Vec::new();
+        for w in runs.windows(2) {
+            let ((a, n, x), (b, _, y)) = (w[0], w[1]);
+            if a + n > b {
+                problems.push(format!(
+                    "data sectors from {b} are held twice: by {} and by {}",
+                    run_owner(x),
+                    run_owner(y)
+                ));
+            }
+        }
+        for &(first, n, owner) in &runs {
+            let outside = seg == 0
+                || !segments.contains(&(first - first % seg))
+                || !segments.contains(&((first + n - 1) - (first + n - 1) % seg));
+            if outside {
+                problems.push(format!(
+                    "data sectors {first}–{} ({}) lie outside the recorded data segments",
+                    first + n - 1,
+                    run_owner(owner)
+                ));
+            }
+        }
+        let clean = problems.is_empty();
+        for p in problems.into_iter().take(MAX_LISTED) {
+            self.inconsistent(Some(SUBJECT_DATA_SECTORS), None, p);
+        }
+        let held: u64 = runs.iter().map(|r| r.1).sum();
+        let total = segments.len() as u64 * seg;
+        if clean && held < total {
+            self.report.notes.push(format!(
+                "{} data sector(s) are neither used nor free: space lost, no data",
+                total - held
+            ));
+        }
+        self.step(SUBJECT_DATA_SECTORS, StepOutcome::Clean);
     }
 
     /// Chunks owned by no regular file: the key ranges between the files' own ranges (one

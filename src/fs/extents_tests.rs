@@ -280,3 +280,35 @@ fn a_filesystem_of_the_second_schema_needs_data_sectors() {
         "{r:?}"
     );
 }
+
+#[test]
+fn the_check_finds_a_sector_held_twice() {
+    with_extents(|| {
+        let (_t, mut fs) = T::new();
+        let f = mkfile(&mut fs, "f", &t::pattern(50, 100_000));
+        fs.commit().unwrap();
+        let report = fs.check(&mut |_| {}).unwrap();
+        assert!(report.is_clean(), "{report:#?}");
+        // Make the free list claim the file's second chunk.
+        fs.run(Mode::Write, |_, tx| {
+            let Txn::W { txn, .. } = tx else {
+                panic!("read-write")
+            };
+            let first = {
+                let table = txn.open_table(CHUNKS)?;
+                let v = table.get((f, 1))?.unwrap();
+                extents::Extent::decode(v.value())?.first
+            };
+            txn.open_table(FREE_RUNS)?.insert(first, 2)?;
+            Ok(())
+        })
+        .unwrap();
+        let report = fs.check(&mut |_| {}).unwrap();
+        let text = format!("{report:?}");
+        assert!(text.contains("held twice"), "{report:#?}");
+        assert!(
+            text.contains(&format!("chunk 1 of inode {f}")),
+            "{report:#?}"
+        );
+    });
+}

@@ -777,6 +777,44 @@ impl Txn {
     }
 }
 
+/// Who holds a run of data sectors, for the check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum RunOwner {
+    Chunk { ino: u64, idx: u64 },
+    Free,
+    Freed,
+}
+
+impl Txn {
+    /// Every run of data sectors the tables account for, as (first, sectors, owner), and the
+    /// first sectors of the recorded data segments (schema 2).
+    pub fn data_runs(&self) -> FsResult<(Vec<(u64, u64, RunOwner)>, Vec<u64>)> {
+        let mut runs = Vec::new();
+        read_table!(self, CHUNKS, |t| {
+            for e in t.iter()? {
+                let (k, v) = e?;
+                let (ino, idx) = k.value();
+                let x = Extent::decode(v.value())?;
+                runs.push((x.first, x.sectors(), RunOwner::Chunk { ino, idx }));
+            }
+        });
+        for (table, owner) in [(FREE_RUNS, RunOwner::Free), (FREED_RUNS, RunOwner::Freed)] {
+            read_table!(self, table, |t| {
+                for e in t.iter()? {
+                    let (k, v) = e?;
+                    runs.push((k.value(), v.value(), owner));
+                }
+            });
+        }
+        let segments = read_table!(self, DATA_SEGMENTS, |t| t
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<Vec<u64>, _>>()?);
+        runs.sort_unstable();
+        Ok((runs, segments))
+    }
+}
+
 // Reads for the consistency check (`super::check`). Each calls `f` for every record in key order
 // until `f` returns false; none of them changes anything.
 impl Txn {
