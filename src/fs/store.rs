@@ -418,6 +418,60 @@ impl Txn {
         Ok(())
     }
 
+    /// Under extents, the bytes `idx * chunk ..` of `len` bytes straight into one buffer, when
+    /// the chunks from `idx` on hold them whole, in sectors that follow one another (a large
+    /// read of a file written in order: one read, no copy). `None`: read chunk by chunk.
+    pub fn read_contiguous(
+        &self,
+        ino: u64,
+        idx: u64,
+        len: u64,
+        chunk: u64,
+    ) -> FsResult<Option<PlainBuf>> {
+        if !self.extents() || len == 0 {
+            return Ok(None);
+        }
+        let last = idx + (len - 1) / chunk;
+        let mut start = None;
+        let mut next = 0;
+        let ok = read_table!(self, CHUNKS, |t| {
+            let mut ok = true;
+            for i in idx..=last {
+                let Some(v) = t.get((ino, i))? else {
+                    ok = false;
+                    break;
+                };
+                let e = Extent::decode(v.value())?;
+                let need = if i == last {
+                    len - (i - idx) * chunk
+                } else {
+                    chunk
+                };
+                let follows = start.is_none() || e.first == next;
+                if e.len < need || !follows {
+                    ok = false;
+                    break;
+                }
+                start.get_or_insert(e.first);
+                next = e.first + e.sectors();
+            }
+            ok
+        });
+        let Some(first) = start.filter(|_| ok) else {
+            return Ok(None);
+        };
+        let mut buf = PlainBuf::from(vec![
+            0u8;
+            (len.div_ceil(extents::SECTOR) * extents::SECTOR)
+                as usize
+        ]);
+        self.storage()
+            .read_data_sectors(first, &mut buf)
+            .map_err(|e| FsError::Store(format!("data sectors: {e}")))?;
+        buf.truncate(len as usize);
+        Ok(Some(buf))
+    }
+
     /// Reads the records of the chunks with index in `first..=last` (a range scan), without
     /// their data: a probe before they are removed.
     pub fn probe_chunks(&self, ino: u64, first: u64, last: u64) -> FsResult<()> {
