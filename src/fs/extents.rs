@@ -69,7 +69,13 @@ impl Extent {
     }
 }
 
-fn io_error(e: std::io::Error) -> FsError {
+/// A storage error as the filesystem's: ENOSPC (no room for another data segment in a
+/// fixed-size vault) is "vault full", which [`super::Fs::run`] turns into dropping the operation's
+/// transaction, as when redb's store cannot grow; anything else is a store failure.
+pub(crate) fn io_error(e: std::io::Error) -> FsError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return FsError::NoSpace;
+    }
     FsError::Store(format!("data sectors: {e}"))
 }
 

@@ -105,6 +105,7 @@ fn model_tests_pass_with_data_sectors() {
         t::persistence_and_crash();
         t::commit_timer_policy();
         t::statfs_is_sane();
+        t::fixed_capacity_gives_enospc_not_failure();
     });
 }
 

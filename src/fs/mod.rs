@@ -631,6 +631,15 @@ impl Fs {
                 Err(FsError::Damaged)
             }
             Ok(Err(e)) if e.is_store() => Err(self.after_store_error(txn, e)),
+            Ok(Err(FsError::NoSpace)) if txn.mutated() => {
+                // No room for file data after the operation had changed something: what it
+                // changed cannot be kept alone, so the transaction goes, as when redb's store
+                // cannot grow (space checks commit early so that little is lost).
+                tracing::error!("vault full: no room for file data; uncommitted changes lost");
+                drop_quietly(txn);
+                self.vault_full();
+                Err(FsError::NoSpace)
+            }
             Ok(r) => {
                 if txn.mutated() && self.dirty_since.is_none() {
                     self.dirty_since = Some(Instant::now());
@@ -815,7 +824,13 @@ impl Fs {
     /// an fsync commits rather than appending to the fsync log.
     fn space_is_short_for(&self, new_bytes: u64) -> bool {
         let need = self.est_used() + self.pending_bytes + self.previous_bytes + new_bytes;
-        if self.limit().is_some() {
+        if let Some(limit) = self.limit()
+            && self.sb.extents()
+        {
+            // File data takes data segments, which a nearly full vault may not have left; a
+            // refused one drops the transaction, so commit first.
+            need > limit / 8 * 7
+        } else if self.limit().is_some() {
             let len = self.backend.storage.len().unwrap_or(0);
             need > len / 8 * 7
         } else if let Ok(free) = self.backend.storage.host_free_bytes() {

@@ -408,7 +408,7 @@ impl Txn {
             buf.resize((sectors * s) as usize, 0);
             self.storage()
                 .read_data_sectors(run[0].1.first, &mut buf)
-                .map_err(|e| FsError::Store(format!("data sectors: {e}")))?;
+                .map_err(extents::io_error)?;
             for (idx, e) in run {
                 let o = ((e.first - run[0].1.first) * s) as usize;
                 f(*idx, &buf[o..o + e.len as usize]);
@@ -467,7 +467,7 @@ impl Txn {
         ]);
         self.storage()
             .read_data_sectors(first, &mut buf)
-            .map_err(|e| FsError::Store(format!("data sectors: {e}")))?;
+            .map_err(extents::io_error)?;
         buf.truncate(len as usize);
         Ok(Some(buf))
     }

@@ -244,6 +244,9 @@ impl Storage for PlainFileStorage {
         let (file, n) = self.data()?;
         let bytes = n * SECTOR;
         let len = file.metadata()?.len().div_ceil(bytes) * bytes;
+        if self.capacity.is_some_and(|cap| len + bytes > cap) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         file.set_len(len + bytes)?;
         Ok(len / SECTOR)
     }
