@@ -135,6 +135,11 @@ impl Fs {
             .ok_or(FsError::TooBig)?;
         let (first, last) = (offset / c, (end - 1) / c);
         self.ensure_space((last - first + 1) * CHUNK_PAGE)?;
+        if self.sb.extents() {
+            return self
+                .write_extents(ino, offset, data, dropper)
+                .and_then(|n| self.commit_if_large().map(|()| n));
+        }
         self.run(Mode::Write, |fs, tx| {
             let mut a = get(tx, ino)?;
             regular(&a)?;
@@ -203,6 +208,76 @@ impl Fs {
             Ok(data.len())
         })
         .and_then(|n| self.commit_if_large().map(|()| n))
+    }
+
+    /// [`Fs::write_by`] under extents: the edge chunks are planned first (reading what they
+    /// need, so damage shows before anything changes), patched (fresh ones in place first, so
+    /// nothing takes the free sectors they grow into), then the whole chunks go in one run.
+    fn write_extents(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        dropper: Option<Dropper>,
+    ) -> FsResult<usize> {
+        let c = self.chunk();
+        let end = offset + data.len() as u64;
+        let (first, last) = (offset / c, (end - 1) / c);
+        self.run(Mode::Write, |fs, tx| {
+            let mut a = get(tx, ino)?;
+            regular(&a)?;
+            let span = |idx: u64| {
+                (
+                    offset.max(idx * c) - idx * c,
+                    end.min((idx + 1) * c) - idx * c,
+                )
+            };
+            let partial = |idx: u64| span(idx) != (0, c);
+            let mut edges = Vec::new();
+            for idx in [first, last] {
+                if partial(idx) && edges.iter().all(|(i, _)| *i != idx) {
+                    let (lo, hi) = span(idx);
+                    edges.push((idx, tx.prepare_patch(ino, idx, lo, hi)?));
+                }
+            }
+            let inner_first = first + u64::from(partial(first));
+            let inner_last = if partial(last) {
+                last.checked_sub(1)
+            } else {
+                Some(last)
+            };
+            let inner = inner_last.filter(|il| inner_first <= *il);
+            if let Some(il) = inner {
+                for idx in inner_first..=il {
+                    tx.probe_chunk(ino, idx)?;
+                }
+            }
+            edges.sort_by_key(|(_, p)| !matches!(p, super::store::Patch::InPlace { .. }));
+            for (idx, patch) in edges {
+                let (lo, hi) = span(idx);
+                let src = &data[usize_of(idx * c + lo - offset)..usize_of(idx * c + hi - offset)];
+                let (old, new) = tx.apply_patch(ino, idx, patch, lo, src, c)?;
+                fs.account_chunk(&mut a, old, Some(new));
+            }
+            if let Some(il) = inner {
+                let bytes =
+                    &data[usize_of(inner_first * c - offset)..usize_of((il + 1) * c - offset)];
+                for old in tx.put_chunks(ino, inner_first, bytes, c)? {
+                    fs.account_chunk(&mut a, old, Some(c));
+                }
+            }
+            if let Some(by) = dropper {
+                fs.drop_privileges(tx, &mut a, by, false)?;
+            }
+            let now = Timespec::now();
+            a.size = a.size.max(end);
+            a.mtime = now;
+            a.ctime = now;
+            tx.put_attr(&a)?;
+            fs.pending_bytes += 4 * 4096;
+            fs.written_since_commit += data.len() as u64;
+            Ok(data.len())
+        })
     }
 
     /// Writes the part of `data` (which starts at file offset `offset`) that falls in chunk

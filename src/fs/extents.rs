@@ -190,6 +190,30 @@ impl Space<'_> {
         Ok(())
     }
 
+    /// Sectors that no durable state ever named (written by this transaction, not logged):
+    /// free at once.
+    pub fn free_now(&self, e: Extent) -> FsResult<()> {
+        self.add_free(e.first, e.sectors())
+    }
+
+    /// Takes `n` sectors from `first` on, which must start a free run (checked by the caller
+    /// in the same operation).
+    pub fn take_at(&self, first: u64, n: u64) -> FsResult<()> {
+        let mut free = self.w.open_table(FREE_RUNS)?;
+        let count = free.remove(first)?.map(|v| v.value());
+        match count {
+            Some(c) if c >= n => {
+                if c > n {
+                    free.insert(first + n, c - n)?;
+                }
+                Ok(())
+            }
+            _ => Err(FsError::Corrupt(format!(
+                "data sectors from {first} are not free as planned"
+            ))),
+        }
+    }
+
     /// At the start of a transaction: what the last one freed is free now (its commit is
     /// durable). Merges each run with free neighbours.
     pub fn settle_freed(&self) -> FsResult<bool> {

@@ -313,3 +313,74 @@ fn the_check_finds_a_sector_held_twice() {
         );
     });
 }
+
+/// Appending in small pieces patches the fresh last chunk in place: the bytes are right, and
+/// the file takes about as many sectors as it has bytes, not one copy per append.
+#[test]
+fn small_appends_patch_fresh_chunks_in_place() {
+    with_extents(|| {
+        let (mut t, mut fs) = T::new();
+        let want = t::pattern(60, 300_000);
+        let (a, _) = fs.create_file(ROOT_INO, b"log", 0o644, t::ME).unwrap();
+        for piece in want.chunks(997) {
+            let at = fs.getattr(a.ino).unwrap().size;
+            fs.write(a.ino, at, piece).unwrap();
+        }
+        assert_eq!(read_all(&mut fs, a.ino), want);
+        let runs = accounted(&mut fs);
+        let held: u64 = runs.iter().filter(|r| r.2 == "chunk").map(|r| r.1).sum();
+        assert_eq!(held, 300_000u64.div_ceil(4096), "{runs:?}");
+        let segments: u64 = fs.run(Mode::Read, |_, tx| tx_segments(tx)).unwrap();
+        assert!(
+            segments * 64 < 2 * held,
+            "{segments} segments for {held} sectors"
+        );
+        fs.close().unwrap();
+        let mut fs = t.reopen(false);
+        assert_eq!(read_all(&mut fs, a.ino), want);
+        fs.close().unwrap();
+    });
+}
+
+/// An extent the fsync log names is durable: later writes copy it, never patch it in place,
+/// and a crash brings back exactly what the fsync saw.
+#[test]
+fn writes_after_an_fsync_do_not_touch_what_it_made_durable() {
+    with_extents(|| {
+        let (mut t, mut fs) = T::with_log(64);
+        let (a, _) = fs.create_file(ROOT_INO, b"f", 0o644, t::ME).unwrap();
+        let synced = t::pattern(61, 10_000);
+        fs.write(a.ino, 0, &synced[..5_000]).unwrap();
+        fs.write(a.ino, 5_000, &synced[5_000..]).unwrap();
+        fs.sync().unwrap();
+        // Overwrite the middle and append, without a sync: lost in the crash.
+        fs.write(a.ino, 2_000, &[0xEE; 3_000]).unwrap();
+        fs.write(a.ino, 10_000, &[0xDD; 3_000]).unwrap();
+        drop(fs);
+        let mut fs = t.reopen(false);
+        assert_eq!(read_all(&mut fs, a.ino), synced);
+        accounted(&mut fs);
+        fs.close().unwrap();
+    });
+}
+
+/// A chunk of the last commit is copied on its first change, then patched in place; a crash
+/// keeps the committed bytes.
+#[test]
+fn a_committed_chunk_is_copied_before_it_is_patched() {
+    with_extents(|| {
+        let (mut t, mut fs) = T::new();
+        let committed = t::pattern(62, 20_000);
+        let f = mkfile(&mut fs, "f", &committed);
+        fs.commit().unwrap();
+        for i in 0..10u64 {
+            fs.write(f, 20_000 + i * 1_000, &[i as u8; 1_000]).unwrap();
+            fs.write(f, i * 100, &[0xAB; 50]).unwrap();
+        }
+        drop(fs);
+        let mut fs = t.reopen(false);
+        assert_eq!(read_all(&mut fs, f), committed);
+        accounted(&mut fs);
+        fs.close().unwrap();
+    });
+}

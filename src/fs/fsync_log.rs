@@ -323,6 +323,9 @@ impl Fs {
         };
         let pages = record_pages(self.log.epoch, self.log.next_seq, &payload);
         self.log.needs_new_epoch = true;
+        if let Some(txn) = &self.txn {
+            txn.log_started();
+        }
         let storage = &self.backend.storage;
         storage
             .write_fsync_log(self.log.next_page, &pages)

@@ -52,6 +52,10 @@ pub(crate) enum Txn {
         settled: Cell<bool>,
         /// Where the next search for free sectors starts.
         hint: Arc<AtomicU64>,
+        /// First sectors of the extents this transaction wrote that no durable state knows
+        /// (not in the last commit, not in the fsync log): they may be changed in place, and
+        /// are free at once when replaced.
+        fresh: RefCell<std::collections::HashSet<u64>>,
     },
     R {
         txn: ReadTransaction,
@@ -86,6 +90,7 @@ impl Db {
                     extents: Cell::new(false),
                     settled: Cell::new(false),
                     hint: hint.clone(),
+                    fresh: RefCell::default(),
                 }
             }
             Db::R(db) => Txn::R {
@@ -418,6 +423,133 @@ impl Txn {
         Ok(())
     }
 
+    fn is_fresh(&self, e: Extent) -> bool {
+        matches!(self, Txn::W { fresh, .. } if fresh.borrow().contains(&e.first))
+    }
+
+    fn mark_fresh(&self, e: Extent) {
+        if let Txn::W { fresh, .. } = self {
+            fresh.borrow_mut().insert(e.first);
+        }
+    }
+
+    /// Gives up an extent the chunk table no longer names: free at once if fresh, else once
+    /// this transaction is durably committed.
+    fn give_up(&self, space: &Space<'_>, e: Extent) -> FsResult<()> {
+        let was_fresh = matches!(self, Txn::W { fresh, .. } if fresh.borrow_mut().remove(&e.first));
+        if was_fresh {
+            space.free_now(e)
+        } else {
+            space.release(e)
+        }
+    }
+
+    /// Under extents, reads what a write of bytes `lo..hi` into chunk `idx` needs of the
+    /// chunk's old contents, before anything changes (so damage shows first). A fresh chunk
+    /// ([`Txn::is_fresh`]) that can grow where it lies is patched in place: only its edge
+    /// sectors are read. Otherwise the whole chunk is read, to be copied.
+    pub fn prepare_patch(&self, ino: u64, idx: u64, lo: u64, hi: u64) -> FsResult<Patch> {
+        let s = extents::SECTOR;
+        let old = read_table!(self, CHUNKS, |t| t
+            .get((ino, idx))?
+            .map(|v| Extent::decode(v.value()))
+            .transpose()?);
+        if let Some(e) = old.filter(|e| self.is_fresh(*e)) {
+            let new_len = e.len.max(hi);
+            let (have, need) = (e.sectors(), new_len.div_ceil(s).max(1));
+            let grows_in_place = need <= have
+                || read_table!(self, FREE_RUNS, |t| t
+                    .get(e.first + have)?
+                    .map(|v| v.value()))
+                .is_some_and(|n| n >= need - have);
+            if grows_in_place {
+                let (s0, s1) = (lo.min(e.len) / s, hi.div_ceil(s));
+                let mut buf = PlainBuf::from(vec![0u8; ((s1 - s0) * s) as usize]);
+                let keep_head = s0 * s < lo.min(e.len);
+                let keep_tail = hi < (s1 * s).min(e.len);
+                if keep_head {
+                    self.read_sector(e.first + s0, &mut buf[..s as usize])?;
+                }
+                if keep_tail && !(keep_head && s1 - 1 == s0) {
+                    let at = ((s1 - 1 - s0) * s) as usize;
+                    self.read_sector(e.first + s1 - 1, &mut buf[at..])?;
+                }
+                return Ok(Patch::InPlace {
+                    old: e,
+                    s0,
+                    new_len,
+                    buf,
+                });
+            }
+        }
+        let base = old
+            .map(|e| extents::read_extent(self.storage(), e))
+            .transpose()?;
+        Ok(Patch::Copy { base })
+    }
+
+    fn read_sector(&self, sector: u64, out: &mut [u8]) -> FsResult<()> {
+        self.storage()
+            .read_data_sectors(sector, out)
+            .map_err(extents::io_error)
+    }
+
+    /// Writes `src` at byte `lo` of chunk `idx` as `patch` planned; returns the chunk's old
+    /// length (if it existed) and its new one.
+    pub fn apply_patch(
+        &self,
+        ino: u64,
+        idx: u64,
+        patch: Patch,
+        lo: u64,
+        src: &[u8],
+        chunk: u64,
+    ) -> FsResult<(Option<u64>, u64)> {
+        let s = extents::SECTOR;
+        let hi = lo + src.len() as u64;
+        match patch {
+            Patch::InPlace {
+                old,
+                s0,
+                new_len,
+                mut buf,
+            } => {
+                let space = self.space()?;
+                let (have, need) = (old.sectors(), new_len.div_ceil(s).max(1));
+                if need > have {
+                    space.take_at(old.first + have, need - have)?;
+                }
+                let at = (lo - s0 * s) as usize;
+                buf[at..at + src.len()].copy_from_slice(src);
+                let end = (new_len - s0 * s) as usize;
+                if end < buf.len() {
+                    buf[end..].fill(0);
+                }
+                self.storage()
+                    .write_data_sectors(old.first + s0, &buf)
+                    .map_err(extents::io_error)?;
+                let new = Extent {
+                    first: old.first,
+                    len: new_len,
+                };
+                self.touch(Key::Chunk(ino, idx));
+                space
+                    .w
+                    .open_table(CHUNKS)?
+                    .insert((ino, idx), &new.encode()[..])?;
+                Ok((Some(old.len), new_len))
+            }
+            Patch::Copy { base } => {
+                let base = base.as_deref().map_or(&[][..], |b| &b[..]);
+                let mut buf = PlainBuf::from(vec![0u8; base.len().max(hi as usize)]);
+                buf[..base.len()].copy_from_slice(base);
+                buf[lo as usize..hi as usize].copy_from_slice(src);
+                let old = self.put_chunks(ino, idx, &buf, chunk)?[0];
+                Ok((old, buf.len() as u64))
+            }
+        }
+    }
+
     /// Under extents, the bytes `idx * chunk ..` of `len` bytes straight into one buffer, when
     /// the chunks from `idx` on hold them whole, in sectors that follow one another (a large
     /// read of a file written in order: one read, no copy). `None`: read chunk by chunk.
@@ -535,8 +667,9 @@ impl Txn {
             self.touch(Key::Chunk(ino, idx));
             let old = t.insert((ino, idx), &e.encode()[..])?;
             let old = old.map(|v| Extent::decode(v.value())).transpose()?;
+            self.mark_fresh(*e);
             if let Some(old) = old {
-                space.release(old)?;
+                self.give_up(&space, old)?;
             }
             replaced.push(old.map(|o| o.len));
         }
@@ -558,7 +691,7 @@ impl Txn {
                 Some(space) => {
                     let e = Extent::decode(v.value())?;
                     bytes += e.len;
-                    space.release(e)?;
+                    self.give_up(space, e)?;
                 }
                 None => bytes += len64(v.value()),
             }
@@ -697,6 +830,14 @@ impl Txn {
         matches!(self, Txn::W { dirty: Some(d), .. } if !d.borrow().is_empty())
     }
 
+    /// An append to the fsync log begins: from now on the log may name every extent written so
+    /// far, so none of them is fresh any more.
+    pub fn log_started(&self) {
+        if let Txn::W { fresh, .. } = self {
+            fresh.borrow_mut().clear();
+        }
+    }
+
     /// Forgets the changed keys: they are in the log now (or committed).
     pub fn clear_logged(&self) {
         if let Txn::W {
@@ -829,6 +970,20 @@ impl Txn {
         }
         Ok(())
     }
+}
+
+/// A write into part of a chunk under extents, planned by [`Txn::prepare_patch`].
+pub(crate) enum Patch {
+    /// Write sectors `s0..` of the fresh extent `old` from `buf` (which holds the old bytes of
+    /// the edge sectors), growing it into the free run after it if needed.
+    InPlace {
+        old: Extent,
+        s0: u64,
+        new_len: u64,
+        buf: PlainBuf,
+    },
+    /// Copy the chunk (`base`: its old bytes, if it exists) into new sectors.
+    Copy { base: Option<PlainBuf> },
 }
 
 /// Who holds a run of data sectors, for the check.
