@@ -108,7 +108,10 @@ pub(crate) fn write_chunks(
         at += e.sectors();
         extents.push(e);
     }
-    if !bytes.is_empty() && bytes.len() as u64 % SECTOR == 0 && chunk % SECTOR == 0 {
+    if !bytes.is_empty()
+        && (bytes.len() as u64).is_multiple_of(SECTOR)
+        && chunk.is_multiple_of(SECTOR)
+    {
         // The common case, a large write: the caller's bytes are the sectors already.
         storage.write_data_sectors(first, bytes).map_err(io_error)?;
     } else {

@@ -986,6 +986,10 @@ pub(crate) enum Patch {
     Copy { base: Option<PlainBuf> },
 }
 
+/// Runs of data sectors as (first, sectors, owner), sorted, and the recorded segments' first
+/// sectors.
+pub(crate) type DataRuns = (Vec<(u64, u64, RunOwner)>, Vec<u64>);
+
 /// Who holds a run of data sectors, for the check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum RunOwner {
@@ -997,7 +1001,7 @@ pub(crate) enum RunOwner {
 impl Txn {
     /// Every run of data sectors the tables account for, as (first, sectors, owner), and the
     /// first sectors of the recorded data segments (schema 2).
-    pub fn data_runs(&self) -> FsResult<(Vec<(u64, u64, RunOwner)>, Vec<u64>)> {
+    pub fn data_runs(&self) -> FsResult<DataRuns> {
         let mut runs = Vec::new();
         read_table!(self, CHUNKS, |t| {
             for e in t.iter()? {
