@@ -9,6 +9,10 @@
 //! 4096-byte pages, and `sync_data` does nothing. redb repairs in memory;
 //! nothing reaches the file.
 //!
+//! File data outside redb (data segments, FORMAT.md §4.10) is read from the
+//! base; data sectors written are kept in memory like pages, and no segment
+//! can be claimed (the overlay does not know where the base's file ends).
+//!
 //! The overlay also records which pages a read that met damage covered, so
 //! that the caller can tell which damaged sectors each step of the
 //! filesystem check touched ([`CowStorage::take_damaged_pages`]).
@@ -38,6 +42,14 @@ pub(crate) trait OverlayBase: redb::StorageBackend {
     fn read_fsync_log_page(&self, _index: u64, _out: &mut [u8]) -> io::Result<bool> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Sectors per data segment (see [`crate::fs::Storage::data_segment_sectors`]); 0: none.
+    fn data_segment_sectors(&self) -> u64 {
+        0
+    }
+    /// Reads data sectors (see [`crate::fs::Storage::read_data_sectors`]).
+    fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl OverlayBase for SectorStore {
@@ -55,6 +67,14 @@ impl OverlayBase for SectorStore {
 
     fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
         SectorStore::read_fsync_log_page(self, index, out)
+    }
+
+    fn data_segment_sectors(&self) -> u64 {
+        SectorStore::data_segment_sectors(self)
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        SectorStore::read_data_sectors(self, first, out)
     }
 }
 
@@ -82,6 +102,8 @@ struct State {
     base_limit: u64,
     /// Pages written, by page number.
     pages: BTreeMap<u64, Page>,
+    /// Data sectors written, by sector number.
+    data: BTreeMap<u64, Page>,
     /// Page ranges of base reads during which the damage counter moved.
     damaged: Vec<Range<u64>>,
 }
@@ -111,6 +133,7 @@ impl<B: OverlayBase> CowStorage<B> {
                 len,
                 base_limit: len,
                 pages: BTreeMap::new(),
+                data: BTreeMap::new(),
                 damaged: Vec::new(),
             }),
         })
@@ -135,12 +158,46 @@ impl<B: OverlayBase> CowStorage<B> {
             .unwrap_or_default()
     }
 
-    /// Bytes held in memory by written pages.
+    /// Bytes held in memory by written pages and data sectors.
     pub(crate) fn overlay_bytes(&self) -> u64 {
         self.state
             .lock()
-            .map(|s| s.pages.len() as u64 * PAGE)
+            .map(|s| (s.pages.len() + s.data.len()) as u64 * PAGE)
             .unwrap_or(0)
+    }
+
+    /// Data sectors `first..` from the base, then the ones written to the
+    /// overlay over them.
+    fn read_data_impl(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        if !out.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let state = self.state()?;
+        self.base.read_data_sectors(first, out)?;
+        let count = (out.len() / SECTOR_SIZE) as u64;
+        for (&sector, page) in state.data.range(first..first.saturating_add(count)) {
+            let at = (sector - first) as usize * SECTOR_SIZE;
+            out[at..at + SECTOR_SIZE].copy_from_slice(&page.0);
+        }
+        Ok(())
+    }
+
+    /// Data sectors written stay in memory. (Whether they lie in data
+    /// segments is the base's to say when they are read.)
+    fn write_data_impl(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        if !plain.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut state = self.state()?;
+        for (i, src) in plain.chunks(SECTOR_SIZE).enumerate() {
+            let sector = first
+                .checked_add(i as u64)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let mut page = Page::zeroed();
+            page.0.copy_from_slice(src);
+            state.data.insert(sector, page);
+        }
+        Ok(())
     }
 
     /// Fill `out` with bytes `offset..` of the base as the overlay sees it:
@@ -320,6 +377,25 @@ impl<B: OverlayBase> crate::fs::Storage for CowStorage<B> {
     /// Nothing reaches the file: the replay's rewrite of torn pages is left to the next mount.
     fn write_fsync_log(&self, _index: u64, _pages: &[u8]) -> io::Result<()> {
         Ok(())
+    }
+
+    /// File data is read from the base.
+    fn data_segment_sectors(&self) -> u64 {
+        self.base.data_segment_sectors()
+    }
+
+    /// Refused: the overlay cannot know where the base's file ends, and nothing may reach it.
+    fn claim_data_segment(&self) -> io::Result<u64> {
+        Err(io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// Kept in memory, like pages.
+    fn write_data_sectors(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        self.write_data_impl(first, plain)
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        self.read_data_impl(first, out)
     }
 }
 
