@@ -720,6 +720,15 @@ impl SectorStore {
             self.fill_range(&mut live, extent, 2)?;
             live.extent = 2;
         }
+        // The file must be as long as the extent the header will promise
+        // (FORMAT.md §1.1): a growing one gets a hole (a gap reads as zeros
+        // without touching it), made durable by the next sync's `fdatasync`
+        // before the header records the extent.
+        let want = file_len_for_sectors(end);
+        if self.capacity.is_none() && self.file.metadata()?.len() < want {
+            self.file.set_len(want)?;
+            self.unsynced.store(true, Ordering::Release);
+        }
         // The map changes only now that nothing can fail any more.
         map.runs.shrink_to_fit();
         live.map = Some(map);
@@ -1872,13 +1881,12 @@ impl SectorStore {
     /// since the last sync reached and that still have unsealed sectors: in
     /// a gap, or beyond the extent.
     fn partly_sealed_blocks(&self, live: &Live) -> io::Result<Vec<(u64, u64)>> {
-        let limit = self.sector_limit(live);
         let recent = self.recent.lock().map_err(|_| poisoned())?;
         let mut blocks: Vec<(u64, u64)> = Vec::new();
         for (lo, hi) in recent.to_vec() {
             for block in lo / BLOCK_SECTORS..hi.div_ceil(BLOCK_SECTORS) {
                 let start = block * BLOCK_SECTORS;
-                let end = (start + BLOCK_SECTORS).min(limit);
+                let end = (start + BLOCK_SECTORS).min(self.sector_limit(live, start));
                 let unsealed = live.extent < end || !live.gaps.pieces(start, end).is_empty();
                 if start < end && unsealed && blocks.last() != Some(&(start, end)) {
                     blocks.push((start, end));
@@ -1906,16 +1914,21 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Sectors the store may seal: those its length needs (with a segment
-    /// map: up to the end of the segment the extent ends in, all of it the
-    /// store's or claimed), within the capacity of a fixed-size container.
-    fn sector_limit(&self, live: &Live) -> u64 {
-        let needed = match live.map {
-            None => sectors_for_len(live.store_len),
-            Some(_) => live.extent.next_multiple_of(SEG),
+    /// Where sealing the block at physical sector `start` must stop: at the
+    /// sectors the store's length needs, within the capacity of a fixed-size
+    /// container. With a segment map that end lies in one segment; a block in
+    /// another (a data segment, or a store segment the length covers whole)
+    /// may be sealed to the end of its segment.
+    fn sector_limit(&self, live: &Live, start: u64) -> u64 {
+        let needed = sectors_for_len(live.store_len);
+        let limit = match live.map {
+            None => needed,
+            Some(_) => match needed.checked_sub(1).and_then(|p| live.phys(p)) {
+                Some(last) if last / SEG == start / SEG => last + 1,
+                _ => (start / SEG + 1) * SEG,
+            },
         };
-        self.capacity
-            .map_or(needed, |capacity| needed.min(capacity))
+        self.capacity.map_or(limit, |capacity| limit.min(capacity))
     }
 
     /// `fdatasync`, unless no sector was written since the last one; then
@@ -1983,6 +1996,23 @@ impl SectorStore {
     #[cfg(test)]
     pub(crate) fn direct_runs(&self) -> u64 {
         self.direct_runs.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn direct_writes(&self) -> u64 {
+        self.direct_writes.load(Ordering::Acquire)
+    }
+
+    /// Whether direct writes are (still) used.
+    #[cfg(test)]
+    pub(crate) fn direct_write_available(&self) -> bool {
+        self.direct_write_ok.load(Ordering::Acquire)
+    }
+
+    /// Stop using direct writes (to compare against buffered ones).
+    #[cfg(test)]
+    pub(crate) fn disable_direct_writes(&self) {
+        self.direct_write_ok.store(false, Ordering::Release);
     }
 
     #[cfg(test)]

@@ -14,6 +14,8 @@ use super::*;
 use crate::crypto::{Argon2Params, MasterKey, SALT_LEN};
 use crate::secrets::SecretBytes;
 
+mod segments;
+
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("t");
 
 fn kek(byte: u8) -> SecretBytes {
