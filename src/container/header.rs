@@ -711,6 +711,52 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_map_makes_version_4_and_bad_maps_are_damage() {
+        let mac = mac();
+        let mut h = sample();
+        assert_eq!(h.format_version(), 3);
+        h.segments = Some(vec![(0, 2), (5, 1), (9, 3)]);
+        h.extent = 12 * SEGMENT_SECTORS; // beyond the store length: data segments
+        let raw = h.encode(0, &mac);
+        assert_eq!(raw[H_VERSION], 4);
+        let back = Header::decode(&raw, 0).unwrap();
+        assert_eq!(back.segments, h.segments);
+        assert_eq!(back.version, 4);
+        assert_eq!(back.encode(0, &mac), raw, "decode is lossless");
+        // Without a map the extent may not pass the store length.
+        h.segments = None;
+        assert!(Header::decode(&h.encode(0, &mac), 0).is_err());
+        for bad in [
+            vec![],               // no run
+            vec![(1, 2)],         // not starting at segment 0
+            vec![(0, 2), (1, 1)], // overlapping
+            vec![(0, 2), (5, 0)], // empty run
+            vec![(0, 1), (u32::MAX, 1)],
+        ] {
+            h.segments = Some(bad.clone());
+            let problem = Header::decode(&h.encode(0, &mac), 0).unwrap_err();
+            assert!(matches!(problem, CopyProblem::Damaged(_)), "{bad:?}");
+        }
+        h.segments = Some(vec![(0, 1)]);
+        for edit in [
+            |b: &mut [u8]| b[H_SEGMENTS] = 129,    // count over the limit
+            |b: &mut [u8]| b[H_SEGMENTS + 4] = 1,  // reserved u32
+            |b: &mut [u8]| b[H_SEGMENTS + 20] = 1, // past the last run
+        ] {
+            let raw = edited(&h, edit);
+            assert!(matches!(
+                Header::decode(&raw, 0),
+                Err(CopyProblem::Damaged(_))
+            ));
+        }
+        // Version 3 kept random bytes where the map is: no map.
+        let raw = edited(&sample(), |b| {
+            b[H_SEGMENTS..H_UNSEALED].fill(0xa5);
+        });
+        assert_eq!(Header::decode(&raw, 0).unwrap().segments, None);
+    }
+
+    #[test]
     fn writer_targets_invalid_then_older_copy() {
         assert_eq!(HeaderWriter::new([Some(5), Some(6)]).target(), 0);
         assert_eq!(HeaderWriter::new([Some(7), Some(6)]).target(), 1);

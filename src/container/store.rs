@@ -2127,6 +2127,24 @@ pub struct SectorScan {
 
 // `keybound verify --deep` (`crate::session::verify`).
 impl SectorStore {
+    /// The physical sectors redb's pages `pages` live in (FORMAT.md §4.1,
+    /// §4.9, §4.10): page 0 in sectors 0 and 1, the others through the fsync
+    /// log's offset and the segment map. Pages the map has no segment for
+    /// have no sector.
+    pub fn sectors_of_redb_pages(&self, pages: std::ops::Range<u64>) -> Vec<u64> {
+        let Ok(live) = self.live_read() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for page in pages {
+            match page {
+                0 => out.extend([0, 1]),
+                k => out.extend(live.phys(k + self.fsync_log_pages + 1)),
+            }
+        }
+        out
+    }
+
     /// Read and authenticate every sealed sector below the extent, straight
     /// from the file: no cache, no damage counters, nothing written.
     /// `progress(done, total)` sees the sectors checked so far.

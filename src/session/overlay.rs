@@ -106,6 +106,8 @@ struct State {
     data: BTreeMap<u64, Page>,
     /// Page ranges of base reads during which the damage counter moved.
     damaged: Vec<Range<u64>>,
+    /// Data sector ranges of base reads during which the damage counter moved.
+    damaged_data: Vec<Range<u64>>,
 }
 
 /// The copy-on-write storage: a read-only base, changes in memory.
@@ -135,11 +137,11 @@ impl<B: OverlayBase> CowStorage<B> {
                 pages: BTreeMap::new(),
                 data: BTreeMap::new(),
                 damaged: Vec::new(),
+                damaged_data: Vec::new(),
             }),
         })
     }
 
-    #[cfg(test)]
     pub(crate) fn base(&self) -> &B {
         &self.base
     }
@@ -158,6 +160,14 @@ impl<B: OverlayBase> CowStorage<B> {
             .unwrap_or_default()
     }
 
+    /// The data sector ranges that reads which met damage covered since the last call.
+    pub(crate) fn take_damaged_data_sectors(&self) -> Vec<Range<u64>> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.damaged_data))
+            .unwrap_or_default()
+    }
+
     /// Bytes held in memory by written pages and data sectors.
     pub(crate) fn overlay_bytes(&self) -> u64 {
         self.state
@@ -172,9 +182,13 @@ impl<B: OverlayBase> CowStorage<B> {
         if !out.len().is_multiple_of(SECTOR_SIZE) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let state = self.state()?;
-        self.base.read_data_sectors(first, out)?;
+        let mut state = self.state()?;
         let count = (out.len() / SECTOR_SIZE) as u64;
+        let before = self.base.damaged_reads();
+        self.base.read_data_sectors(first, out)?;
+        if self.base.damaged_reads() != before {
+            state.damaged_data.push(first..first.saturating_add(count));
+        }
         for (&sector, page) in state.data.range(first..first.saturating_add(count)) {
             let at = (sector - first) as usize * SECTOR_SIZE;
             out[at..at + SECTOR_SIZE].copy_from_slice(&page.0);
@@ -511,6 +525,65 @@ mod tests {
         read(&cow, 4 * PAGE, 3 * PAGE as usize);
         assert_eq!(cow.take_damaged_pages(), vec![4..7]);
         assert!(cow.take_damaged_pages().is_empty());
+    }
+
+    /// Over a real store with a data segment: data sectors are read from the
+    /// base, written ones stay in memory, no segment can be claimed, and the
+    /// file is left as it was.
+    #[test]
+    fn data_sectors_come_from_the_base_and_writes_stay_in_memory() {
+        use crate::container::{
+            Access, Container, CreateOptions, NewSlot, NewSlotKind, new_container_id,
+        };
+        use crate::crypto::{MasterKey, SALT_LEN};
+        use crate::fs::Storage;
+        use crate::secrets::SecretBytes;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.kb");
+        let kek = || SecretBytes::from_slice(&[3; 32]).unwrap();
+        let slot = NewSlot {
+            index: 0,
+            label: String::new(),
+            salt: [1; SALT_LEN],
+            kind: NewSlotKind::Recovery,
+            kek: kek(),
+        };
+        let opts = CreateOptions {
+            id: new_container_id().unwrap(),
+            fixed_size: None,
+            fsync_log: false,
+        };
+        let mk = MasterKey::generate().unwrap();
+        let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+        let store = c.into_store(mk).unwrap();
+        store.write(0, &[0u8; 320]).unwrap();
+        let d = store.claim_data_segment().unwrap();
+        store
+            .write_data_sectors(d, &[7u8; 2 * SECTOR_SIZE])
+            .unwrap();
+        drop(store);
+        let before = digest(&path);
+
+        let c = Container::open(&path, Access::ReadOnly).unwrap();
+        let mk = c.unwrap_slot(0, &kek()).unwrap();
+        let cow = CowStorage::new(c.into_store(mk).unwrap()).unwrap();
+        assert_eq!(cow.data_segment_sectors(), 1024);
+        assert!(cow.claim_data_segment().is_err());
+        let mut out = vec![1u8; 3 * SECTOR_SIZE];
+        cow.read_data_sectors(d, &mut out).unwrap();
+        assert!(out[..2 * SECTOR_SIZE].iter().all(|&b| b == 7));
+        assert!(out[2 * SECTOR_SIZE..].iter().all(|&b| b == 0));
+        cow.write_data_sectors(d + 1, &[9u8; 2 * SECTOR_SIZE])
+            .unwrap();
+        cow.read_data_sectors(d, &mut out).unwrap();
+        assert!(out[..SECTOR_SIZE].iter().all(|&b| b == 7));
+        assert!(out[SECTOR_SIZE..].iter().all(|&b| b == 9));
+        // Store sectors are not data sectors.
+        assert!(cow.read_data_sectors(0, &mut out).is_err());
+        assert!(cow.take_damaged_data_sectors().is_empty());
+        drop(cow);
+        assert_eq!(digest(&path), before, "the base file changed");
     }
 
     /// A filesystem whose last commit was not closed cleanly opens

@@ -425,3 +425,92 @@ fn long_data_runs_are_written_past_the_page_cache_and_read_back() {
         assert_eq!(direct, 5);
     }
 }
+
+#[test]
+fn redb_pages_map_to_sectors_through_the_log_and_the_segment_map() {
+    // Identity map, no log: page k > 0 is sector k + 1.
+    let v = written_vault(8);
+    let store = unlock(&v.path, Access::ReadWrite);
+    assert_eq!(store.sectors_of_redb_pages(0..3), vec![0, 1, 2, 3]);
+    assert_eq!(store.sectors_of_redb_pages(5..7), vec![6, 7]);
+    // A data segment, then store growth: redb page SEG - 1 is store position
+    // SEG, the first of store segment 1, which is physical segment 2.
+    let d = store.claim_data_segment().unwrap();
+    assert_eq!(d, SEG);
+    store.set_len((SEG + 4) * 4096).unwrap();
+    assert_eq!(
+        store.sectors_of_redb_pages(SEG - 3..SEG),
+        vec![SEG - 2, SEG - 1, 2 * SEG]
+    );
+    drop(store);
+    // Past a log of 256 pages (store pages 1..=256, sectors 2..=257).
+    let v = create_vault_with_log();
+    let store = unlock(&v.path, Access::ReadWrite);
+    assert_eq!(store.sectors_of_redb_pages(0..2), vec![0, 1, 258]);
+}
+
+/// Throughput of file data outside redb: 1 GiB in runs of 1 MiB with
+/// `write_data_sectors`, a sync, then read back in order after the page cache
+/// was dropped for the file, with direct writes and with buffered ones. Run
+/// in release mode: `cargo nextest run --release --lib --run-ignored only
+/// data_sector_throughput --no-capture` (`KEYBOUND_PERF_MIB` to change 1024).
+#[test]
+#[ignore = "a measurement, not a check: about 10 s and 2 GiB of disk"]
+fn data_sector_throughput() {
+    use std::time::Instant;
+    let mib: u64 = std::env::var("KEYBOUND_PERF_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let run = 256u64; // sectors: 1 MiB
+    let plain = sectors(run, 1);
+    let drop_cache = |path: &Path| {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: a valid fd; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    };
+    for direct in [true, false] {
+        let v = written_vault(8);
+        let store = unlock(&v.path, Access::ReadWrite);
+        if !direct {
+            store.disable_direct_writes();
+        }
+        let mut firsts = Vec::new();
+        let start = Instant::now();
+        let mut d = 0;
+        for i in 0..mib {
+            if i % (SEG / run) == 0 {
+                d = store.claim_data_segment().unwrap();
+            }
+            let first = d + (i % (SEG / run)) * run;
+            store.write_data_sectors(first, &plain).unwrap();
+            firsts.push(first);
+        }
+        store.sync_data().unwrap();
+        let write = start.elapsed().as_secs_f64();
+        let used_direct = store.direct_writes() > 0;
+        drop(store);
+        let file_mib = std::fs::metadata(&v.path).unwrap().len() as f64 / (1 << 20) as f64;
+        // Cold read.
+        let f = std::fs::File::open(&v.path).unwrap();
+        f.sync_all().unwrap();
+        drop_cache(&v.path);
+        let store = unlock(&v.path, Access::ReadOnly);
+        let mut out = vec![0u8; plain.len()];
+        let start = Instant::now();
+        for &first in &firsts {
+            store.read_data_sectors(first, &mut out).unwrap();
+        }
+        let read = start.elapsed().as_secs_f64();
+        assert!(out == plain);
+        assert_eq!(store.damaged_reads(), 0);
+        println!(
+            "{} writes (used: {used_direct}): {mib} MiB written + synced in {write:.2} s = \
+             {:.0} MiB/s; cold read {read:.2} s = {:.0} MiB/s; file {file_mib:.0} MiB",
+            if direct { "direct" } else { "buffered" },
+            mib as f64 / write,
+            mib as f64 / read,
+        );
+    }
+}
