@@ -161,12 +161,12 @@ impl SegmentMap {
         self.runs.last().map_or(0, |&(first, count)| first + count)
     }
 
-    /// Makes physical segment `q` (past every segment the map has) the next
-    /// store segment.
-    fn push(&mut self, q: u64) -> io::Result<()> {
+    /// Makes physical segments `q..q + n` (past every segment the map has)
+    /// the next `n` store segments.
+    fn push(&mut self, q: u64, n: u64) -> io::Result<()> {
         let runs = self.runs.len();
         match self.runs.last_mut() {
-            Some((first, count)) if *first + *count == q => *count += 1,
+            Some((first, count)) if *first + *count == q => *count += n,
             _ if runs >= MAX_SEGMENT_RUNS => {
                 return Err(io::Error::new(
                     io::ErrorKind::StorageFull,
@@ -178,10 +178,10 @@ impl SegmentMap {
             }
             _ => {
                 self.starts.push(self.len);
-                self.runs.push((q, 1));
+                self.runs.push((q, n));
             }
         }
-        self.len += 1;
+        self.len += n;
         Ok(())
     }
 }
@@ -670,19 +670,21 @@ impl SectorStore {
     /// the physical end, when it has a segment map; past the capacity of a
     /// fixed-size container none (writes there fail with `ENOSPC`).
     fn map_through(&self, live: &mut Live, end: u64) -> io::Result<()> {
-        loop {
-            let q = live.physical_end();
-            let Some(map) = &mut live.map else {
-                return Ok(());
-            };
-            if map.len * SEG >= end {
-                return Ok(());
-            }
-            let fits = self.capacity.is_none_or(|cap| q * SEG < cap);
-            if !fits || (q + 1) * SEG > MAX_SECTORS {
-                return Ok(());
-            }
-            map.push(q)?;
+        let q = live.physical_end();
+        let Some(map) = &mut live.map else {
+            return Ok(());
+        };
+        let wanted = end.div_ceil(SEG).saturating_sub(map.len);
+        // Segments that start within the capacity (the last may be cut
+        // short), and within MAX_SECTORS.
+        let room = self
+            .capacity
+            .map_or(MAX_SECTORS / SEG, |cap| cap.div_ceil(SEG))
+            .min(MAX_SECTORS / SEG)
+            .saturating_sub(q);
+        match wanted.min(room) {
+            0 => Ok(()),
+            n => map.push(q, n),
         }
     }
 

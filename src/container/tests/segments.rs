@@ -449,6 +449,34 @@ fn redb_pages_map_to_sectors_through_the_log_and_the_segment_map() {
     assert_eq!(store.sectors_of_redb_pages(0..2), vec![0, 1, 258]);
 }
 
+#[test]
+fn the_segment_map_refuses_growth_past_its_runs() {
+    let v = written_vault(8);
+    let store = unlock(&v.path, Access::ReadWrite);
+    let mut len = 8 * 4096;
+    store.claim_data_segment().unwrap();
+    // Each growth past a data segment starts a run of its own.
+    let mut grown = 0;
+    let err = loop {
+        len += SEG * 4096;
+        match store.set_len(len) {
+            Ok(()) => grown += 1,
+            Err(e) => break e,
+        }
+        store.claim_data_segment().unwrap();
+    };
+    assert_eq!(grown, MAX_SEGMENT_RUNS - 1);
+    assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+    assert!(err.to_string().contains("segment map is full"), "{err}");
+    // Data segments can still be claimed; the full map is recorded.
+    store.claim_data_segment().unwrap();
+    store.sync_data().unwrap();
+    store.abandon(); // no clean close: it would seal half a gibibyte of zeros
+    drop(store);
+    let info = Container::inspect(&v.path).unwrap();
+    assert_eq!(info.store_segments.unwrap().len(), MAX_SEGMENT_RUNS);
+}
+
 /// Throughput of file data outside redb: 1 GiB in runs of 1 MiB with
 /// `write_data_sectors`, a sync, then read back in order after the page cache
 /// was dropped for the file, with direct writes and with buffered ones. Run
