@@ -1272,6 +1272,10 @@ impl SectorStore {
         let first = offset / S;
         let last = (end - 1) / S;
         self.map_through(live, last + 2)?;
+        if end > live.store_len {
+            let from = sectors_for_len(live.store_len);
+            Self::expose(live, from, last + 2);
+        }
         // The map only grows at the physical end, so the last page has the
         // highest sector; a page the map has no segment for does not fit.
         let top = match last {
@@ -1729,6 +1733,8 @@ impl SectorStore {
             // their segments are taken now, at the physical end, so one
             // growth stays one run of segments.
             self.map_through(&mut live, sectors_for_len(len))?;
+            let from = sectors_for_len(live.store_len);
+            Self::expose(&mut live, from, sectors_for_len(len));
             live.store_len = len;
             return Ok(());
         }
@@ -1761,9 +1767,12 @@ impl SectorStore {
     /// A shrink with a segment map: the store keeps its segments (they are
     /// never given back: a segment in the middle cannot be told from a data
     /// segment later). The extent comes down to the end of what is still in
-    /// use — the store's sectors the new length needs, and every data segment
-    /// — and the store's sectors past the new length below it become gaps,
-    /// so that they read as zeros when the store grows again.
+    /// use — the store's sectors the new length needs, and every data segment.
+    /// The store's sectors past the new length below it keep what they hold
+    /// (nothing reads them: they are past the length) until a growth brings
+    /// them back, as gaps ([`Self::expose`]); making them gaps now would have
+    /// a clean close seal zeros into all of them at every unmount after redb
+    /// trims its tail.
     fn shrink_mapped(&self, live: &mut Live, len: u64) -> io::Result<()> {
         let Some(map) = live.map.clone() else {
             return Ok(());
@@ -1790,20 +1799,30 @@ impl SectorStore {
                 break;
             }
         }
-        let keep = keep.min(live.extent).max(live.extent.min(2));
-        for j in needed / SEG..map.len {
-            let (Some(first), Some(phys)) =
-                (live.phys((j * SEG).max(needed).max(2)), map.physical(j))
-            else {
-                continue;
-            };
-            let end = ((phys + 1) * SEG).min(keep);
-            if first < end {
-                live.gaps.insert(first, end);
-            }
-        }
-        live.extent = keep;
+        live.extent = keep.min(live.extent).max(live.extent.min(2));
         Ok(())
+    }
+
+    /// Store positions `from..to` come back into the store's length (a
+    /// growth, with a segment map): those of their sectors still sealed from
+    /// before a shrink (below the extent, which data segments keep up)
+    /// become gaps, so that they read as zeros, as new bytes must.
+    fn expose(live: &mut Live, from: u64, to: u64) {
+        let Some(map) = &live.map else {
+            return;
+        };
+        let to = to.min(map.len * SEG);
+        let mut at = from.max(2);
+        while at < to {
+            let seg_end = ((at / SEG + 1) * SEG).min(to);
+            if let Some(first) = live.phys(at) {
+                let end = (first + (seg_end - at)).min(live.extent);
+                if first < end {
+                    live.gaps.insert(first, end);
+                }
+            }
+            at = seg_end;
+        }
     }
 
     /// Give back the file space beyond the extent of a growing container:
