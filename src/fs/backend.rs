@@ -46,7 +46,13 @@ impl StorageBackend for Backend {
             self.refused_growth.store(true, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.storage.set_len(len)
+        // A fixed-size vault's capacity is shared with file data's segments: the store may find
+        // no room even below it. That is "vault full" too, not a storage failure.
+        self.storage.set_len(len).inspect_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                self.refused_growth.store(true, Ordering::SeqCst);
+            }
+        })
     }
 
     fn sync_data(&self) -> io::Result<()> {
