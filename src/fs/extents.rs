@@ -286,7 +286,7 @@ impl Space<'_> {
 }
 
 /// Removes sectors `first..first + n` from the runs of `t`, keeping what is left of a run.
-fn carve(t: &mut redb::Table<u64, u64>, first: u64, n: u64) -> FsResult<()> {
+pub(crate) fn carve(t: &mut redb::Table<u64, u64>, first: u64, n: u64) -> FsResult<()> {
     let end = first + n;
     let overlapping: Vec<(u64, u64)> = {
         let before = t

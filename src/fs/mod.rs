@@ -119,6 +119,13 @@ pub trait Storage: redb::StorageBackend {
     fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// Gives back to the host the segments at the end of the container that hold nothing:
+    /// neither a data segment in `data_in_use` (first sectors of the data segments the
+    /// filesystem still uses; every other data segment is free) nor a store segment redb's
+    /// store needs (below its length). Durable when it returns. Returns the bytes given back.
+    fn release_unused_segments(&self, _data_in_use: &[u64]) -> std::io::Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Who asks: the uid and gid new inodes get.
@@ -461,13 +468,42 @@ impl Fs {
             return Err(FsError::ReadOnly);
         }
         self.commit()?;
+        let mut moved = false;
+        if self.sb.extents() {
+            moved |= self.pack_file_data()?;
+            self.drop_trailing_free_segments()?;
+        }
         // An unchanged transaction may still be open (reads begin one); compaction needs none.
         self.txn = None;
         let Some(Db::W(db)) = self.db.as_mut() else {
             return Err(FsError::Failed);
         };
         // redb repeats its compaction steps until one moves nothing.
-        Ok(db.compact()?)
+        Ok(db.compact()? || moved)
+    }
+
+    /// Schema 2, for [`Fs::compact`]: moves file data down into the lowest free data sectors,
+    /// highest chunk first, a durable commit per 64 MiB moved, until nothing moves. Each chunk is
+    /// copied (the last commit keeps pointing at the old copy until the new one is committed).
+    fn pack_file_data(&mut self) -> FsResult<bool> {
+        const STEP_SECTORS: u64 = (64 << 20) / extents::SECTOR;
+        let mut moved_any = false;
+        loop {
+            let moved = self.run(Mode::Write, |_, tx| tx.pack_step(STEP_SECTORS))?;
+            self.commit()?;
+            if moved == 0 {
+                return Ok(moved_any);
+            }
+            moved_any = true;
+        }
+    }
+
+    /// Schema 2: data segments above the last one that holds data are forgotten (a commit), so
+    /// that [`Storage::release_unused_segments`] at close can give them back.
+    fn drop_trailing_free_segments(&mut self) -> FsResult<()> {
+        let seg = self.backend.storage.data_segment_sectors();
+        self.run(Mode::Write, |_, tx| tx.drop_trailing_free_segments(seg))?;
+        self.commit()
     }
 
     /// Commits the open transaction durably, if it changed anything.
@@ -571,8 +607,19 @@ impl Fs {
         } else {
             self.commit()
         };
+        // The data segments still in use, read before redb closes (and trims its tail).
+        let in_use = if result.is_ok() && self.sb.extents() && !self.read_only {
+            self.run(Mode::Read, |_, tx| tx.data_segments()).ok()
+        } else {
+            None
+        };
         drop_quietly(self.txn.take());
         drop_quietly(self.db.take());
+        if let Some(in_use) = in_use
+            && let Err(e) = self.backend.storage.release_unused_segments(&in_use)
+        {
+            tracing::warn!("giving unused space at the end of the vault back failed: {e}");
+        }
         let closed = redb::StorageBackend::close(&*self.backend.storage)
             .map_err(|e| FsError::Store(e.to_string()));
         result.and(closed)

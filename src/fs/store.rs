@@ -618,7 +618,13 @@ impl Txn {
     /// Stores a chunk; returns the length of the value it replaced, if any.
     pub fn put_chunk(&self, ino: u64, idx: u64, data: &[u8]) -> FsResult<Option<u64>> {
         if self.extents() {
-            return Ok(self.put_chunks(ino, idx, data, data.len().max(1) as u64)?[0]);
+            if data.is_empty() {
+                // An empty chunk reads as the hole it leaves.
+                let old = self.chunk_len_only(ino, idx)?;
+                self.del_chunks(ino, idx, idx)?;
+                return Ok(old);
+            }
+            return Ok(self.put_chunks(ino, idx, data, data.len() as u64)?[0]);
         }
         let w = self.w()?;
         self.touch(Key::Chunk(ino, idx));
@@ -967,6 +973,92 @@ impl Txn {
         }
         if let Some(new) = new {
             space.take_exact(new)?;
+        }
+        Ok(())
+    }
+}
+
+impl Txn {
+    /// The length of a chunk from its record alone.
+    fn chunk_len_only(&self, ino: u64, idx: u64) -> FsResult<Option<u64>> {
+        read_table!(self, CHUNKS, |t| match t.get((ino, idx))? {
+            Some(v) => Ok(Some(self.value_len(v.value())?)),
+            None => Ok(None),
+        })
+    }
+
+    /// First sectors of the data segments the filesystem holds.
+    pub fn data_segments(&self) -> FsResult<Vec<u64>> {
+        read_table!(self, DATA_SEGMENTS, |t| Ok(t
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<Vec<u64>, _>>()?))
+    }
+
+    /// One step of packing file data down (schema 2): chunks from the highest on move into
+    /// the lowest free run below them that holds them, until `max` sectors moved. Returns the
+    /// sectors moved; 0 when no chunk can move down.
+    pub fn pack_step(&self, max: u64) -> FsResult<u64> {
+        let space = self.space()?;
+        let mut chunks: Vec<(Extent, u64, u64)> = Vec::new();
+        read_table!(self, CHUNKS, |t| {
+            for e in t.iter()? {
+                let (k, v) = e?;
+                let (ino, idx) = k.value();
+                chunks.push((Extent::decode(v.value())?, ino, idx));
+            }
+        });
+        chunks.sort_unstable_by_key(|(e, ..)| std::cmp::Reverse(e.first));
+        let mut free: Vec<(u64, u64)> = read_table!(self, FREE_RUNS, |t| t
+            .iter()?
+            .map(|e| e.map(|(k, v)| (k.value(), v.value())))
+            .collect::<Result<Vec<_>, _>>()?);
+        let mut moved = 0;
+        for (old, ino, idx) in chunks.into_iter().filter(|(e, ..)| e.len > 0) {
+            let n = old.sectors();
+            let Some(run) = free
+                .iter_mut()
+                .find(|(first, count)| *count >= n && *first + n <= old.first)
+            else {
+                continue;
+            };
+            let to = run.0;
+            space.take_at(to, n)?;
+            run.0 += n;
+            run.1 -= n;
+            let bytes = extents::read_extent(self.storage(), old)?;
+            let new = extents::write_chunks(self.storage(), to, &bytes, old.len.max(1))?[0];
+            self.touch(Key::Chunk(ino, idx));
+            space
+                .w
+                .open_table(CHUNKS)?
+                .insert((ino, idx), &new.encode()[..])?;
+            self.give_up(&space, old)?;
+            moved += n;
+            if moved >= max {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Forgets the data segments above the highest one that holds a chunk or a freed run
+    /// (schema 2): their sectors all free, they leave the free table too. Only trailing ones:
+    /// a forgotten segment below one in use could never be claimed again.
+    pub fn drop_trailing_free_segments(&self, seg: u64) -> FsResult<()> {
+        if seg == 0 {
+            return Ok(());
+        }
+        let space = self.space()?;
+        let (runs, segments) = self.data_runs()?;
+        let top = runs
+            .iter()
+            .filter(|r| r.2 != RunOwner::Free)
+            .map(|r| (r.0 + r.1 - 1) - (r.0 + r.1 - 1) % seg)
+            .max();
+        for s in segments.into_iter().filter(|&s| top.is_none_or(|t| s > t)) {
+            space.w.open_table(DATA_SEGMENTS)?.remove(s)?;
+            extents::carve(&mut space.w.open_table(FREE_RUNS)?, s, seg)?;
         }
         Ok(())
     }
