@@ -116,6 +116,13 @@ pub trait Storage: redb::StorageBackend {
     fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// Gives back to the host the segments at the end of the container that hold nothing:
+    /// neither a data segment in `data_in_use` (first sectors of the data segments the
+    /// filesystem still uses; every other data segment is free) nor a store segment redb's
+    /// store needs (below its length). Durable when it returns. Returns the bytes given back.
+    fn release_unused_segments(&self, _data_in_use: &[u64]) -> std::io::Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Who asks: the uid and gid new inodes get.
