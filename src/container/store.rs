@@ -1866,7 +1866,24 @@ impl SectorStore {
         }
         let _change = self.gate.change();
         let mut live = self.live_write()?;
-        let mut keep = Self::store_end(&live, live.store_len)?;
+        let want = self.record_release(&mut live, data_in_use)?;
+        let len = self.file.metadata()?.len();
+        if len <= want {
+            return Ok(0);
+        }
+        if let Some(direct) = &self.direct {
+            direct.forget(want, len - want);
+        }
+        self.file.set_len(want)?;
+        self.file.sync_data()?;
+        Ok(len - want)
+    }
+
+    /// The first part of [`Self::release_unused_segments`]: cut the data area
+    /// in `live` and record it in the header (durably), or change nothing.
+    /// Returns the file length the smaller data area needs.
+    fn record_release(&self, live: &mut Live, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut keep = Self::store_end(live, live.store_len)?;
         for &first in data_in_use {
             if !first.is_multiple_of(SEG) || !live.is_data_sector(first) {
                 return Err(errno(libc::EINVAL));
@@ -1878,28 +1895,26 @@ impl SectorStore {
         live.extent = extent;
         live.gaps.remove(extent, u64::MAX);
         if let Some(map) = &mut live.map {
-            map.cut_at(extent.max(keep).div_ceil(SEG));
+            map.cut_at(keep.div_ceil(SEG));
         }
         let recorded = self
-            .fill_excess_gaps(&mut live)
+            .fill_excess_gaps(live)
             .and_then(|()| self.sync_sectors())
-            .and_then(|()| self.record_data_area(&live));
+            .and_then(|()| self.record_data_area(live));
         if let Err(e) = recorded {
             // Nothing durable describes the smaller area: it is all still there.
             (live.extent, live.gaps, live.map) = old;
             return Err(e);
         }
-        let len = self.file.metadata()?.len();
-        let want = file_len_for_sectors(extent);
-        if len <= want {
-            return Ok(0);
-        }
-        if let Some(direct) = &self.direct {
-            direct.forget(want, len - want);
-        }
-        self.file.set_len(want)?;
-        self.file.sync_data()?;
-        Ok(len - want)
+        Ok(file_len_for_sectors(extent))
+    }
+
+    /// A release interrupted by a crash after its header write: the header
+    /// describes the smaller data area, the file keeps its length.
+    #[cfg(test)]
+    pub(crate) fn release_without_truncate(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut live = self.live_write()?;
+        self.record_release(&mut live, data_in_use)
     }
 
     /// Store positions `from..to` come back into the store's length (a
