@@ -161,6 +161,26 @@ impl SegmentMap {
         self.runs.last().map_or(0, |&(first, count)| first + count)
     }
 
+    /// Unmaps every store segment at or past physical segment `q` (at least
+    /// 1: segment 0 stays). Runs are sorted by physical segment, so these are
+    /// the map's trailing store segments.
+    fn cut_at(&mut self, q: u64) {
+        let q = q.max(1);
+        while let Some(last) = self.runs.last_mut() {
+            if last.0 >= q {
+                self.runs.pop();
+                self.starts.pop();
+                continue;
+            }
+            last.1 = last.1.min(q - last.0);
+            break;
+        }
+        self.len = match (self.starts.last(), self.runs.last()) {
+            (Some(start), Some(&(_, count))) => start + count,
+            _ => 0,
+        };
+    }
+
     /// Makes physical segments `q..q + n` (past every segment the map has)
     /// the next `n` store segments.
     fn push(&mut self, q: u64, n: u64) -> io::Result<()> {
@@ -1764,15 +1784,18 @@ impl SectorStore {
         Ok(())
     }
 
-    /// A shrink with a segment map: the store keeps its segments (they are
-    /// never given back: a segment in the middle cannot be told from a data
-    /// segment later). The extent comes down to the end of what is still in
-    /// use — the store's sectors the new length needs, and every data segment.
-    /// The store's sectors past the new length below it keep what they hold
-    /// (nothing reads them: they are past the length) until a growth brings
-    /// them back, as gaps ([`Self::expose`]); making them gaps now would have
-    /// a clean close seal zeros into all of them at every unmount after redb
-    /// trims its tail.
+    /// A shrink with a segment map. The extent comes down to the end of what
+    /// is still in use — the store's sectors the new length needs, and every
+    /// data segment. The store's segments above that point, past the new
+    /// length with no data segment after them, leave the map (as the file is
+    /// cut there, that is what a vault without data segments has always done
+    /// when redb trims its tail at close); the store's other segments stay
+    /// mapped (one in the middle could not be told from a data segment
+    /// later). The store's sectors past the new length below the extent keep
+    /// what they hold (nothing reads them: they are past the length) until a
+    /// growth brings them back, as gaps ([`Self::expose`]); making them gaps
+    /// now would have a clean close seal zeros into all of them at every
+    /// unmount after redb trims its tail.
     fn shrink_mapped(&self, live: &mut Live, len: u64) -> io::Result<()> {
         let Some(map) = live.map.clone() else {
             return Ok(());
@@ -1785,11 +1808,8 @@ impl SectorStore {
             live.page0_newest = None;
             live.page0_generation = 0;
         }
-        let mapped = map.len * SEG;
-        let mut keep = match needed.min(mapped) {
-            0 => 0,
-            n => live.phys(n - 1).ok_or_else(unmapped)? + 1,
-        };
+        let store_end = Self::store_end(live, len)?;
+        let mut keep = store_end;
         // The highest data segment below the extent.
         let mut q = live.extent.div_ceil(SEG);
         while q * SEG > keep {
@@ -1800,7 +1820,101 @@ impl SectorStore {
             }
         }
         live.extent = keep.min(live.extent).max(live.extent.min(2));
+        let cut = live.extent.max(store_end).div_ceil(SEG);
+        if let Some(map) = &mut live.map {
+            map.cut_at(cut);
+        }
         Ok(())
+    }
+
+    /// One past the physical sector of the last store position a store of
+    /// `len` bytes uses (0 for an empty store). With a segment map the store's
+    /// positions rise with their sectors, so nothing of the store's below the
+    /// length lies higher.
+    fn store_end(live: &Live, len: u64) -> io::Result<u64> {
+        let needed = sectors_for_len(len);
+        let mapped = live.map.as_ref().map_or(needed, |map| map.len * SEG);
+        Ok(match needed.min(mapped) {
+            0 => 0,
+            n => live.phys(n - 1).ok_or_else(unmapped)? + 1,
+        })
+    }
+
+    /// Gives the host back the segments at the end of a growing container
+    /// that hold nothing (see `crate::fs::Storage::release_unused_segments`):
+    /// `data_in_use` lists the first sectors of the data segments the
+    /// filesystem still uses, every other data segment is free. The end kept
+    /// is the highest of: segment 0, the store's sectors below its length,
+    /// the listed data segments. Everything physically above it leaves the
+    /// data area: store segments there leave the map, the extent and the
+    /// unsealed ranges are cut to it (never raised). Segments in between stay
+    /// as they are (nothing is moved). In this order: the sectors written so
+    /// far are synced, the header records the smaller data area (durably),
+    /// the file is truncated to it, and `fdatasync`. A crash after the header
+    /// write leaves a file longer than its extent, which opens as any such
+    /// file does (the bytes past the extent are ignored) and which the next
+    /// release truncates. Returns the bytes the file shrank by. A fixed-size
+    /// container changes nothing (`Ok(0)`); read-only access is `EROFS`; an
+    /// entry of `data_in_use` that is not the first sector of a data segment
+    /// is `EINVAL`, and then nothing changes.
+    pub fn release_unused_segments(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if self.capacity.is_some() {
+            return Ok(0);
+        }
+        let _change = self.gate.change();
+        let mut live = self.live_write()?;
+        let want = self.record_release(&mut live, data_in_use)?;
+        let len = self.file.metadata()?.len();
+        if len <= want {
+            return Ok(0);
+        }
+        if let Some(direct) = &self.direct {
+            direct.forget(want, len - want);
+        }
+        self.file.set_len(want)?;
+        self.file.sync_data()?;
+        Ok(len - want)
+    }
+
+    /// The first part of [`Self::release_unused_segments`]: cut the data area
+    /// in `live` and record it in the header (durably), or change nothing.
+    /// Returns the file length the smaller data area needs.
+    fn record_release(&self, live: &mut Live, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut keep = Self::store_end(live, live.store_len)?;
+        for &first in data_in_use {
+            if !first.is_multiple_of(SEG) || !live.is_data_sector(first) {
+                return Err(errno(libc::EINVAL));
+            }
+            keep = keep.max(first + SEG);
+        }
+        let old = (live.extent, live.gaps.clone(), live.map.clone());
+        let extent = keep.min(live.extent).max(live.extent.min(2));
+        live.extent = extent;
+        live.gaps.remove(extent, u64::MAX);
+        if let Some(map) = &mut live.map {
+            map.cut_at(keep.div_ceil(SEG));
+        }
+        let recorded = self
+            .fill_excess_gaps(live)
+            .and_then(|()| self.sync_sectors())
+            .and_then(|()| self.record_data_area(live));
+        if let Err(e) = recorded {
+            // Nothing durable describes the smaller area: it is all still there.
+            (live.extent, live.gaps, live.map) = old;
+            return Err(e);
+        }
+        Ok(file_len_for_sectors(extent))
+    }
+
+    /// A release interrupted by a crash after its header write: the header
+    /// describes the smaller data area, the file keeps its length.
+    #[cfg(test)]
+    pub(crate) fn release_without_truncate(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut live = self.live_write()?;
+        self.record_release(&mut live, data_in_use)
     }
 
     /// Store positions `from..to` come back into the store's length (a

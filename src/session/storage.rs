@@ -93,6 +93,10 @@ impl crate::fs::Storage for EncryptedStorage {
     fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
         self.store.read_data_sectors(first, out)
     }
+
+    fn release_unused_segments(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        self.store.release_unused_segments(data_in_use)
+    }
 }
 
 /// Bytes an unprivileged user may still write on the filesystem holding `path`.

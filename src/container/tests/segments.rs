@@ -542,3 +542,256 @@ fn data_sector_throughput() {
         );
     }
 }
+
+/// Removes the values `{prefix}0..{prefix}n`.
+fn delete_mebibytes(db: &Database, prefix: &str, n: usize) {
+    let mut txn = db.begin_write().unwrap();
+    txn.set_two_phase_commit(true);
+    {
+        let mut t = txn.open_table(TABLE).unwrap();
+        for i in 0..n {
+            t.remove(format!("{prefix}{i}").as_str()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+#[test]
+fn a_release_cuts_the_store_segments_past_its_length_at_the_end() {
+    let v = create_vault(None);
+    let store = Arc::new(unlock(&v.path, Access::ReadWrite));
+    let (d1, d2);
+    {
+        let mut db = open_db(Shared::new(&store, -1));
+        put_mebibytes(&db, "a", 2);
+        d1 = store.claim_data_segment().unwrap();
+        store.write_data_sectors(d1, &sectors(SEG, 1)).unwrap();
+        // The store grows past d1, then a data segment after it.
+        put_mebibytes(&db, "b", 12);
+        d2 = store.claim_data_segment().unwrap();
+        store.write_data_sectors(d2, &sectors(8, 2)).unwrap();
+        delete_mebibytes(&db, "b", 12);
+        while db.compact().unwrap() {}
+    }
+    // redb trimmed its tail at close; d2 keeps the store's segments below it
+    // in the map and the file long.
+    let segs = store_segments(&v.path);
+    assert!(segs.iter().any(|&q| q > d1 / SEG), "{segs:?}");
+    let before = Container::inspect(&v.path).unwrap();
+    assert_eq!(before.extent_sectors, d2 + SEG);
+    assert_eq!(file_len(&v.path), file_len_for_sectors(d2 + SEG));
+    // The store's length needs none of the segments after d1.
+    assert!(sectors_for_len(before.store_len) <= d1, "{before:?}");
+
+    // Only d1 is still in use.
+    let freed = store.release_unused_segments(&[d1]).unwrap();
+    let after = Container::inspect(&v.path).unwrap();
+    assert_eq!(after.extent_sectors, d1 + SEG, "{after:?}");
+    assert_eq!(store_segments(&v.path), (0..d1 / SEG).collect::<Vec<_>>());
+    assert_eq!(file_len(&v.path), file_len_for_sectors(d1 + SEG));
+    assert_eq!(freed, file_len_for_sectors(d2 + SEG) - file_len(&v.path));
+    assert_eq!(after.unsealed_sectors, 0);
+    // Nothing more to give back.
+    assert_eq!(store.release_unused_segments(&[d1]).unwrap(), 0);
+    // d2 is no data segment any more.
+    let e = store.release_unused_segments(&[d1, d2]).unwrap_err();
+    assert_eq!(errno_of(&e), Some(libc::EINVAL));
+    store.close().unwrap();
+    drop(store);
+    assert!(verify_container(&v.path).unwrap().findings.is_empty());
+
+    let store = Arc::new(unlock(&v.path, Access::ReadWrite));
+    assert!(read_data(&store, d1, SEG) == sectors(SEG, 1));
+    {
+        let db = open_db(Shared::new(&store, -1));
+        check_mebibytes(&db, "a", 2);
+        // Growth and claims take the segments given back.
+        put_mebibytes(&db, "c", 6);
+        let segs = store_segments(&v.path);
+        let above: Vec<u64> = segs.iter().copied().filter(|&q| q > d1 / SEG).collect();
+        assert_eq!(above.first(), Some(&(d1 / SEG + 1)), "{segs:?}");
+        let d = store.claim_data_segment().unwrap();
+        assert_eq!(d, (segs.last().unwrap() + 1) * SEG, "{segs:?}");
+        check_mebibytes(&db, "c", 6);
+    }
+    assert_eq!(store.damaged_reads(), 0);
+}
+
+#[test]
+fn a_release_cuts_the_unlisted_data_segments_at_the_end_only() {
+    let v = written_vault(8);
+    let d: Vec<u64>;
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        d = (0..3)
+            .map(|_| store.claim_data_segment().unwrap())
+            .collect();
+        assert_eq!(d, vec![SEG, 2 * SEG, 3 * SEG]);
+        for (i, &first) in d.iter().enumerate() {
+            store
+                .write_data_sectors(first, &sectors(SEG, i as u8))
+                .unwrap();
+        }
+        store.sync_data().unwrap();
+        let long = file_len_for_sectors(4 * SEG);
+        assert_eq!(file_len(&v.path), long);
+        // The last one is in use: it keeps the file long, and the free ones
+        // below it stay where they are.
+        assert_eq!(store.release_unused_segments(&[d[2]]).unwrap(), 0);
+        assert_eq!(file_len(&v.path), long);
+        assert_eq!(Container::inspect(&v.path).unwrap().extent_sectors, 4 * SEG);
+        // Not the first sector of a data segment: refused, nothing changes.
+        for bad in [0, 5, SEG + 1, 4 * SEG] {
+            let e = store.release_unused_segments(&[d[0], bad]).unwrap_err();
+            assert_eq!(errno_of(&e), Some(libc::EINVAL), "{bad}");
+        }
+        assert_eq!(file_len(&v.path), long);
+        // Only the first: the two above it go.
+        let freed = store.release_unused_segments(&[d[0]]).unwrap();
+        assert_eq!(freed, 2 * SEG * SEALED_SECTOR_SIZE as u64);
+        assert_eq!(file_len(&v.path), file_len_for_sectors(2 * SEG));
+        assert!(read_data(&store, d[0], SEG) == sectors(SEG, 0));
+        let e = store.write_data_sectors(d[1], &sectors(1, 9)).unwrap_err();
+        assert_eq!(errno_of(&e), Some(libc::EINVAL));
+    }
+    let info = Container::inspect(&v.path).unwrap();
+    assert_eq!(info.extent_sectors, 2 * SEG);
+    assert_eq!(info.file_len, file_len_for_sectors(2 * SEG));
+    assert!(verify_container(&v.path).unwrap().findings.is_empty());
+    {
+        let store = unlock(&v.path, Access::ReadOnly);
+        assert!(read_data(&store, d[0], SEG) == sectors(SEG, 0));
+        let e = store.release_unused_segments(&[d[0]]).unwrap_err();
+        assert_eq!(errno_of(&e), Some(libc::EROFS));
+    }
+    let store = unlock(&v.path, Access::ReadWrite);
+    assert!(read_data(&store, d[0], SEG) == sectors(SEG, 0));
+    let mut page = vec![0u8; 4096];
+    store.read(7 * 4096, &mut page).unwrap();
+    assert!(page == pattern(4096, 7));
+    // The segment given back is claimed again, and reads as zeros.
+    assert_eq!(store.claim_data_segment().unwrap(), d[1]);
+    assert!(read_data(&store, d[1], 4).iter().all(|&b| b == 0));
+    // Nothing listed: every data segment at the end goes.
+    store.release_unused_segments(&[]).unwrap();
+    assert_eq!(file_len(&v.path), file_len_for_sectors(9));
+    assert_eq!(store.damaged_reads(), 0);
+}
+
+#[test]
+fn a_release_interrupted_after_its_header_write_opens_and_the_next_one_truncates() {
+    let v = written_vault(8);
+    let d;
+    {
+        let store = unlock(&v.path, Access::ReadWrite);
+        d = store.claim_data_segment().unwrap();
+        store.write_data_sectors(d, &sectors(SEG, 4)).unwrap();
+        let d2 = store.claim_data_segment().unwrap();
+        store.write_data_sectors(d2, &sectors(10, 5)).unwrap();
+        store.sync_data().unwrap();
+        let want = store.release_without_truncate(&[d]).unwrap();
+        assert_eq!(want, file_len_for_sectors(d + SEG));
+        store.abandon(); // a crash before the truncate
+    }
+    let info = Container::inspect(&v.path).unwrap();
+    assert_eq!(info.extent_sectors, d + SEG);
+    assert_eq!(info.file_len, file_len_for_sectors(d + 2 * SEG));
+    let report = verify_container(&v.path).unwrap();
+    assert_eq!(kinds(&report), vec!["beyond-extent"]);
+    assert!(!report.damaged());
+
+    let store = unlock(&v.path, Access::ReadWrite);
+    assert!(read_data(&store, d, SEG) == sectors(SEG, 4));
+    let freed = store.release_unused_segments(&[d]).unwrap();
+    assert_eq!(freed, SEG * SEALED_SECTOR_SIZE as u64);
+    assert_eq!(file_len(&v.path), file_len_for_sectors(d + SEG));
+    drop(store);
+    assert!(verify_container(&v.path).unwrap().findings.is_empty());
+    let store = unlock(&v.path, Access::ReadWrite);
+    assert!(read_data(&store, d, SEG) == sectors(SEG, 4));
+    assert_eq!(store.damaged_reads(), 0);
+}
+
+#[test]
+fn a_release_changes_nothing_in_a_fixed_size_vault() {
+    let v = create_vault(Some(file_len_for_sectors(4 * SEG)));
+    let store = unlock(&v.path, Access::ReadWrite);
+    store.write(0, &[0u8; 320]).unwrap();
+    store.write(4096, &pattern(4096, 1)).unwrap();
+    let d = store.claim_data_segment().unwrap();
+    store.claim_data_segment().unwrap();
+    store.write_data_sectors(d, &sectors(3, 2)).unwrap();
+    store.sync_data().unwrap();
+    let before = Container::inspect(&v.path).unwrap();
+    let raw = std::fs::read(&v.path).unwrap();
+    assert_eq!(store.release_unused_segments(&[]).unwrap(), 0);
+    assert!(std::fs::read(&v.path).unwrap() == raw, "the file changed");
+    let after = Container::inspect(&v.path).unwrap();
+    assert_eq!(
+        (after.extent_sectors, after.store_segments, after.generation),
+        (
+            before.extent_sectors,
+            before.store_segments,
+            before.generation
+        )
+    );
+    assert!(read_data(&store, d, 3) == sectors(3, 2));
+}
+
+#[test]
+fn a_version_3_vault_still_shrinks_at_close_after_redb_trims_its_tail() {
+    let v = create_vault(None);
+    {
+        let db = open_db(unlock(&v.path, Access::ReadWrite));
+        put_mebibytes(&db, "a", 1);
+        put_mebibytes(&db, "b", 12);
+    }
+    let big = file_len(&v.path);
+    {
+        let mut db = open_db(unlock(&v.path, Access::ReadWrite));
+        delete_mebibytes(&db, "b", 12);
+        while db.compact().unwrap() {}
+    }
+    let info = Container::inspect(&v.path).unwrap();
+    assert_eq!((info.version, info.store_segments), (3, None));
+    assert_eq!(info.extent_sectors, sectors_for_len(info.store_len));
+    assert_eq!(info.file_len, file_len_for_sectors(info.extent_sectors));
+    assert!(info.file_len < big / 2, "{} of {big}", info.file_len);
+    let db = open_db(unlock(&v.path, Access::ReadWrite));
+    check_mebibytes(&db, "a", 1);
+}
+
+#[test]
+fn a_shrink_unmaps_the_store_segments_it_cuts_off_the_end() {
+    let v = create_vault(None);
+    let store = Arc::new(unlock(&v.path, Access::ReadWrite));
+    let d;
+    {
+        let mut db = open_db(Shared::new(&store, -1));
+        put_mebibytes(&db, "a", 1);
+        d = store.claim_data_segment().unwrap();
+        store.write_data_sectors(d, &sectors(SEG, 6)).unwrap();
+        put_mebibytes(&db, "b", 12);
+        assert!(store_segments(&v.path).iter().any(|&q| q > d / SEG));
+        delete_mebibytes(&db, "b", 12);
+        while db.compact().unwrap() {}
+    }
+    // redb trimmed its tail at close: no data segment follows the store's
+    // segments past its length, so they leave the map and the file.
+    let info = Container::inspect(&v.path).unwrap();
+    assert!(sectors_for_len(info.store_len) <= d, "{info:?}");
+    assert_eq!(store_segments(&v.path), (0..d / SEG).collect::<Vec<_>>());
+    assert_eq!(info.extent_sectors, d + SEG);
+    assert_eq!(info.file_len, file_len_for_sectors(d + SEG));
+    // The next claim takes the segment right after d.
+    assert_eq!(store.claim_data_segment().unwrap(), d + SEG);
+    assert!(read_data(&store, d, SEG) == sectors(SEG, 6));
+    store.close().unwrap();
+    drop(store);
+    let db = open_db(unlock(&v.path, Access::ReadWrite));
+    check_mebibytes(&db, "a", 1);
+}
