@@ -217,5 +217,13 @@ fn data_changes(current: &Header, backup: &Header) -> Vec<String> {
         backup.unsealed_sectors(),
         current.unsealed != backup.unsealed,
     );
+    // Data segments claimed or store segments taken since the backup.
+    let runs = |h: &Header| h.segments.as_ref().map_or(0, Vec::len) as u64;
+    check(
+        "store segment runs",
+        runs(current),
+        runs(backup),
+        current.segments != backup.segments,
+    );
     out
 }

@@ -53,6 +53,12 @@ pub(crate) struct Header {
     pub pending: u8,
     /// Store pages of the fsync log (FORMAT.md §4.9); 0 before version 3.
     pub fsync_log_pages: u64,
+    /// The store segment map as runs `(first physical segment, segments)`, in
+    /// store order (FORMAT.md §4.10); `None` (before version 4): the identity
+    /// map. Written over the end of `reserved` when present.
+    pub segments: Option<Vec<(u32, u32)>>,
+    /// The format version this header was read as (or written as last).
+    pub version: u16,
 }
 
 /// Why a header copy cannot be used.
@@ -90,6 +96,15 @@ impl Header {
         self.capacity > 0
     }
 
+    /// The version this header is written as: 4 with a segment map, 3 without.
+    pub fn format_version(&self) -> u16 {
+        if self.segments.is_some() {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_WITHOUT_SEGMENTS
+        }
+    }
+
     /// The file length the header promises: the data area up to the extent,
     /// or all of it for a preallocated container.
     pub fn required_file_len(&self) -> u64 {
@@ -100,7 +115,7 @@ impl Header {
     pub fn encode(&self, copy: usize, mac: &HeaderMac) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_COPY_SIZE];
         b[H_MAGIC..H_MAGIC + 8].copy_from_slice(MAGIC);
-        b[H_VERSION..H_VERSION + 2].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[H_VERSION..H_VERSION + 2].copy_from_slice(&self.format_version().to_le_bytes());
         b[H_COPY_INDEX] = copy as u8;
         put_u64(&mut b, H_GENERATION, self.generation);
         b[H_ID..H_ID + CONTAINER_ID_LEN].copy_from_slice(&self.id);
@@ -122,6 +137,9 @@ impl Header {
         encode_policy(&self.policy, &mut b[H_POLICY..H_POLICY + POLICY_LEN]);
         b[H_SLOTS..H_RESERVED_TAIL].copy_from_slice(&self.slots);
         b[H_RESERVED_TAIL..H_UNSEALED].copy_from_slice(&self.reserved);
+        if let Some(runs) = &self.segments {
+            encode_segments(runs, &mut b[H_SEGMENTS..H_UNSEALED]);
+        }
         encode_unsealed(&self.unsealed, &mut b[H_UNSEALED..H_MAC]);
         let tag = mac.sign(&mac_input(&b));
         b[H_MAC..H_MAC + MAC_LEN].copy_from_slice(&tag);
@@ -186,6 +204,12 @@ impl Header {
                 b[H_FSYNC_LOG_PAGES],
                 b[H_FSYNC_LOG_PAGES + 1],
             ])),
+            // Random bytes (the reserved tail) before version 4.
+            segments: match version {
+                ..=3 => None,
+                _ => Some(decode_segments(&b[H_SEGMENTS..H_UNSEALED])?),
+            },
+            version,
         };
         if version < 3 && header.fsync_log_pages != 0 {
             return Err("non-zero reserved bytes".into());
@@ -212,7 +236,13 @@ impl Header {
         if self.store_len > MAX_STORE_LEN {
             return Err(format!("store length {} is out of range", self.store_len));
         }
-        if self.extent > sectors_for_len(self.store_len) {
+        // With the identity map the store is all there is; with a segment map
+        // the extent also covers data segments (FORMAT.md §4.10).
+        let extent_limit = match self.segments {
+            None => sectors_for_len(self.store_len),
+            Some(_) => MAX_SECTORS,
+        };
+        if self.extent > extent_limit {
             return Err(format!(
                 "extent {} exceeds the store length {}",
                 self.extent, self.store_len
@@ -244,6 +274,48 @@ impl Header {
         }
         Ok(())
     }
+}
+
+fn encode_segments(runs: &[(u32, u32)], b: &mut [u8]) {
+    assert!(
+        runs.len() <= MAX_SEGMENT_RUNS,
+        "the store keeps at most {MAX_SEGMENT_RUNS} segment runs"
+    );
+    b.fill(0);
+    put_u32(b, 0, runs.len() as u32);
+    for (i, &(first, count)) in runs.iter().enumerate() {
+        put_u32(b, 8 + 8 * i, first);
+        put_u32(b, 12 + 8 * i, count);
+    }
+}
+
+/// The segment map: at least one run, the first at physical segment 0 (page
+/// 0's shadow pair), each run non-empty and after the previous one, all
+/// within [`MAX_SECTORS`].
+fn decode_segments(b: &[u8]) -> Result<Vec<(u32, u32)>, String> {
+    let count = get_u32(b, 0) as usize;
+    if count == 0 || count > MAX_SEGMENT_RUNS || get_u32(b, 4) != 0 {
+        return Err(format!("segment run count {count} out of range"));
+    }
+    if b[8 + 8 * count..].iter().any(|&x| x != 0) {
+        return Err("non-zero bytes after the segment runs".into());
+    }
+    let runs: Vec<(u32, u32)> = (0..count)
+        .map(|i| (get_u32(b, 8 + 8 * i), get_u32(b, 12 + 8 * i)))
+        .collect();
+    let mut floor = 0u64;
+    for (i, &(first, n)) in runs.iter().enumerate() {
+        let (first, n) = (u64::from(first), u64::from(n));
+        let end = first + n;
+        if n == 0 || (i == 0 && first != 0) || first < floor || end * SEGMENT_SECTORS > MAX_SECTORS
+        {
+            return Err(format!(
+                "segment run {first}+{n} out of order or out of range"
+            ));
+        }
+        floor = end;
+    }
+    Ok(runs)
 }
 
 fn encode_unsealed(ranges: &[(u64, u64)], b: &mut [u8]) {
@@ -433,6 +505,7 @@ impl HeaderWriter {
         let next = self.generations.iter().flatten().max().map_or(1, |g| g + 1);
         header.generation = next;
         let bytes = header.encode(target, mac);
+        header.version = header.format_version();
         // Until the write completes the target copy may be torn; mark it so
         // that a failed write never leaves us trusting it.
         self.generations[target] = None;
@@ -480,6 +553,8 @@ mod tests {
             rekeying: false,
             pending: 0,
             fsync_log_pages: 0,
+            segments: None,
+            version: FORMAT_VERSION_WITHOUT_SEGMENTS,
         }
     }
 
@@ -574,10 +649,10 @@ mod tests {
             Choice::NotAContainer
         ));
         let mut future = h.encode(0, &mac);
-        future[H_VERSION] = 4;
+        future[H_VERSION] = 5;
         assert!(matches!(
             Copies::parse(&future).choose(),
-            Choice::UnsupportedVersion(4)
+            Choice::UnsupportedVersion(5)
         ));
     }
 
@@ -633,6 +708,52 @@ mod tests {
                 Err(CopyProblem::Damaged(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_segment_map_makes_version_4_and_bad_maps_are_damage() {
+        let mac = mac();
+        let mut h = sample();
+        assert_eq!(h.format_version(), 3);
+        h.segments = Some(vec![(0, 2), (5, 1), (9, 3)]);
+        h.extent = 12 * SEGMENT_SECTORS; // beyond the store length: data segments
+        let raw = h.encode(0, &mac);
+        assert_eq!(raw[H_VERSION], 4);
+        let back = Header::decode(&raw, 0).unwrap();
+        assert_eq!(back.segments, h.segments);
+        assert_eq!(back.version, 4);
+        assert_eq!(back.encode(0, &mac), raw, "decode is lossless");
+        // Without a map the extent may not pass the store length.
+        h.segments = None;
+        assert!(Header::decode(&h.encode(0, &mac), 0).is_err());
+        for bad in [
+            vec![],               // no run
+            vec![(1, 2)],         // not starting at segment 0
+            vec![(0, 2), (1, 1)], // overlapping
+            vec![(0, 2), (5, 0)], // empty run
+            vec![(0, 1), (u32::MAX, 1)],
+        ] {
+            h.segments = Some(bad.clone());
+            let problem = Header::decode(&h.encode(0, &mac), 0).unwrap_err();
+            assert!(matches!(problem, CopyProblem::Damaged(_)), "{bad:?}");
+        }
+        h.segments = Some(vec![(0, 1)]);
+        for edit in [
+            |b: &mut [u8]| b[H_SEGMENTS] = 129,    // count over the limit
+            |b: &mut [u8]| b[H_SEGMENTS + 4] = 1,  // reserved u32
+            |b: &mut [u8]| b[H_SEGMENTS + 20] = 1, // past the last run
+        ] {
+            let raw = edited(&h, edit);
+            assert!(matches!(
+                Header::decode(&raw, 0),
+                Err(CopyProblem::Damaged(_))
+            ));
+        }
+        // Version 3 kept random bytes where the map is: no map.
+        let raw = edited(&sample(), |b| {
+            b[H_SEGMENTS..H_UNSEALED].fill(0xa5);
+        });
+        assert_eq!(Header::decode(&raw, 0).unwrap().segments, None);
     }
 
     #[test]

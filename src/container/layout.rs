@@ -28,10 +28,15 @@ pub const DATA_OFFSET: u64 = 65536;
 /// "KEYBOUND": what `file(1)` and `keybound info` recognise.
 pub const MAGIC: &[u8; 8] = b"KEYBOUND";
 
-/// The format version this build writes. Version 1 (no unsealed ranges)
-/// is read too: it is version 2 with an empty list; version 2 is version 3
-/// without an fsync log.
-pub const FORMAT_VERSION: u16 = 3;
+/// The newest format version this build writes. Version 1 (no unsealed
+/// ranges) is read too: it is version 2 with an empty list; version 2 is
+/// version 3 without an fsync log; version 3 is version 4 without a store
+/// segment map (the identity map). A header is written as version 3 as long
+/// as it has no segment map, as version 4 once it has one (FORMAT.md §4.10).
+pub const FORMAT_VERSION: u16 = 4;
+
+/// The version a header without a store segment map is written as.
+pub const FORMAT_VERSION_WITHOUT_SEGMENTS: u16 = 3;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u16 = 1;
@@ -58,6 +63,7 @@ pub const H_STORE_LEN: usize = 88; // u64: redb's logical length
 pub const H_POLICY: usize = 96; // 32 bytes, see P_*
 pub const H_SLOTS: usize = 128; // SLOT_COUNT × SLOT_SIZE
 pub const H_RESERVED_TAIL: usize = H_SLOTS + SLOT_COUNT * SLOT_SIZE; // 8320, random
+pub const H_SEGMENTS: usize = H_UNSEALED - SEGMENTS_LEN; // 14224: the store segment map (version 4)
 pub const H_UNSEALED: usize = H_MAC - UNSEALED_LEN; // 15256: the unsealed ranges (version 2)
 pub const H_MAC: usize = 16288; // 32: HMAC-SHA256 of 0..16288 (copy index byte as 0)
 pub const H_RESERVED_3: std::ops::Range<usize> = 16320..16352; // zero
@@ -67,6 +73,17 @@ pub const H_CHECKSUM: usize = 16352; // 32: SHA-256 of 0..16352
 /// `MAX_UNSEALED_RANGES` pairs of u64 (start, end), unused pairs zero.
 pub const MAX_UNSEALED_RANGES: usize = 64;
 pub const UNSEALED_LEN: usize = 8 + MAX_UNSEALED_RANGES * 16; // 1032
+
+/// The store segment map (FORMAT.md §4.10): u32 run count (1 ..=
+/// `MAX_SEGMENT_RUNS`), u32 zero, then `MAX_SEGMENT_RUNS` pairs of u32
+/// (first physical segment, segments), unused pairs zero. Random bytes (part
+/// of the reserved tail) before version 4.
+pub const MAX_SEGMENT_RUNS: usize = 128;
+pub const SEGMENTS_LEN: usize = 8 + MAX_SEGMENT_RUNS * 8; // 1032
+
+/// Physical sectors per segment (4 MiB of plaintext): the unit in which the
+/// data area is divided between redb's store and file data (FORMAT.md §4.10).
+pub const SEGMENT_SECTORS: u64 = 1024;
 
 /// Header flag bit 0: the container was preallocated and never grows.
 pub const FLAG_FIXED_SIZE: u32 = 1;
@@ -228,6 +245,9 @@ const _: () = {
     assert!(RESERVED_AREA_OFFSET <= DATA_OFFSET);
     assert!(R_WRAPPED + WRAPPED_LEN == R_RESERVED.start);
     assert!(H_REKEY + REKEY_RECORD_LEN <= H_MAC);
+    assert!(H_REKEY + REKEY_RECORD_LEN <= H_SEGMENTS);
+    assert!(H_SEGMENTS == 14224);
+    assert!(SEGMENT_SECTORS.is_multiple_of(256));
     assert!(S_LINK_EPHEMERAL == S_RESERVED_TAIL);
     assert!(S_LINK_WRAPPED + WRAPPED_LEN == S_LINK_END);
     assert!(S_LINK_END <= SLOT_SIZE);

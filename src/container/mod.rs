@@ -137,6 +137,9 @@ pub struct HeaderInfo {
     pub pending_slots: Vec<u8>,
     /// Store pages of the fsync log (FORMAT.md §4.9); 0: every fsync commits.
     pub fsync_log_pages: u64,
+    /// The store segment map as runs (first physical segment, segments), FORMAT.md §4.10;
+    /// `None` before version 4: redb's store has every segment (no file data outside it).
+    pub store_segments: Option<Vec<(u32, u32)>>,
 }
 
 /// Where an interrupted rotation stands (FORMAT.md §7), for `keybound info`.
@@ -269,6 +272,8 @@ impl Container {
             rekeying: false,
             pending: 0,
             fsync_log_pages,
+            segments: None,
+            version: FORMAT_VERSION_WITHOUT_SEGMENTS,
         };
         let mac = mac_for(mk, &opts.id)?;
 
@@ -597,7 +602,7 @@ impl Container {
 /// What `header` (copy `used`) says, for a file of `file_len` bytes.
 fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -> HeaderInfo {
     HeaderInfo {
-        version: FORMAT_VERSION,
+        version: header.version,
         id: header.id,
         generation: header.generation,
         fixed_size: header
@@ -615,6 +620,7 @@ fn header_info(header: &Header, used: usize, other_valid: bool, file_len: u64) -
         other_copy_damaged: !other_valid,
         key_epoch: header.epoch,
         fsync_log_pages: header.fsync_log_pages,
+        store_segments: header.segments.clone(),
         seal_budget_reserved: header.seal_reserve,
         policy: header.policy,
         slots: header.slot_infos(),

@@ -3,10 +3,15 @@
 //!
 //! redb sees a plain byte array of `store_len` bytes in 4096-byte pages.
 //! Page 0 (redb's header, rewritten on every commit) is a shadow pair in
-//! physical sectors 0 and 1; page k > 0 is physical sector k + 1. Every
+//! *store positions* 0 and 1; page k > 0 is store position k + 1. Store
+//! positions become physical sectors through the segment map (FORMAT.md
+//! §4.10): physical sectors come in segments of [`SEGMENT_SECTORS`], each
+//! either redb's store's or file data's ([`SectorStore::write_data_sectors`]);
+//! store segment j is physical segment `map[j]`. Before a data segment is
+//! claimed the map is the identity and position p is physical sector p. Every
 //! physical sector below the *extent* has been sealed at least once and must
-//! authenticate; sectors at or beyond it read as zeros without touching the
-//! file, which is what `set_len` growth must look like.
+//! authenticate (except the gaps); sectors at or beyond it read as zeros
+//! without touching the file, which is what `set_len` growth must look like.
 //!
 //! Concurrency: `live` is a read–write lock. Reads share it (and may run in
 //! parallel); writes, `set_len` and `close` hold it exclusively, so a read
@@ -40,6 +45,19 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// Sectors sealed or opened per `pwrite`/`pread` at most (1 MiB of
 /// plaintext), bounding the buffers a large request needs.
 const IO_CHUNK_SECTORS: u64 = 256;
+
+/// Data sectors sealed per `pwrite` at most (4 MiB of plaintext): file data
+/// comes in long runs in file order, and fewer system calls is most of what
+/// keeping it out of redb gains.
+const DATA_IO_CHUNK_SECTORS: u64 = 1024;
+
+/// Runs of data sectors at least this long have the aligned middle of their
+/// sealed bytes written with `O_DIRECT` ([`SectorStore::write_direct`]); shorter
+/// ones go through the page cache whole.
+const DIRECT_WRITE_MIN_SECTORS: usize = 32;
+
+/// Alignment of a direct write's offset, length and buffer (as `direct.rs`).
+const ALIGN: u64 = 4096;
 
 /// Reads and writes of at most this many pages (redb's btree pages, its
 /// header) go into the cache; larger ones (file data, which the kernel caches
@@ -75,6 +93,119 @@ const NONCE_POOL: usize = 256;
 
 const S: u64 = SECTOR_SIZE as u64;
 
+const SEG: u64 = SEGMENT_SECTORS;
+
+/// Which physical segments hold redb's store, and in what order (FORMAT.md
+/// §4.10): runs of consecutive physical segments, in store order, each run
+/// after the previous one in the file (new store segments are always taken at
+/// the physical end).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SegmentMap {
+    /// `(first physical segment, segments)`.
+    runs: Vec<(u64, u64)>,
+    /// The store segment each run starts at.
+    starts: Vec<u64>,
+    /// Store segments mapped in all.
+    len: u64,
+}
+
+impl SegmentMap {
+    fn from_runs(runs: &[(u32, u32)]) -> Self {
+        let mut map = SegmentMap::default();
+        for &(first, count) in runs {
+            map.starts.push(map.len);
+            map.runs.push((u64::from(first), u64::from(count)));
+            map.len += u64::from(count);
+        }
+        map
+    }
+
+    /// Store segments `0..n` where physical segments `0..n` are.
+    fn identity(n: u64) -> Self {
+        SegmentMap {
+            runs: vec![(0, n)],
+            starts: vec![0],
+            len: n,
+        }
+    }
+
+    fn to_runs(&self) -> Vec<(u32, u32)> {
+        // Segments are bounded by MAX_SECTORS / SEGMENT_SECTORS < 2^32 (checked
+        // when they are added and when a header is read).
+        self.runs
+            .iter()
+            .map(|&(first, count)| (first as u32, count as u32))
+            .collect()
+    }
+
+    /// The physical segment of store segment `j`.
+    fn physical(&self, j: u64) -> Option<u64> {
+        if j >= self.len {
+            return None;
+        }
+        let i = self.starts.partition_point(|&start| start <= j) - 1;
+        Some(self.runs[i].0 + (j - self.starts[i]))
+    }
+
+    /// Whether physical segment `q` is one of the store's.
+    fn holds(&self, q: u64) -> bool {
+        let i = self.runs.partition_point(|&(first, _)| first <= q);
+        i > 0 && {
+            let (first, count) = self.runs[i - 1];
+            q < first + count
+        }
+    }
+
+    /// One past the last physical segment of the store.
+    fn physical_end(&self) -> u64 {
+        self.runs.last().map_or(0, |&(first, count)| first + count)
+    }
+
+    /// Unmaps every store segment at or past physical segment `q` (at least
+    /// 1: segment 0 stays). Runs are sorted by physical segment, so these are
+    /// the map's trailing store segments.
+    fn cut_at(&mut self, q: u64) {
+        let q = q.max(1);
+        while let Some(last) = self.runs.last_mut() {
+            if last.0 >= q {
+                self.runs.pop();
+                self.starts.pop();
+                continue;
+            }
+            last.1 = last.1.min(q - last.0);
+            break;
+        }
+        self.len = match (self.starts.last(), self.runs.last()) {
+            (Some(start), Some(&(_, count))) => start + count,
+            _ => 0,
+        };
+    }
+
+    /// Makes physical segments `q..q + n` (past every segment the map has)
+    /// the next `n` store segments.
+    fn push(&mut self, q: u64, n: u64) -> io::Result<()> {
+        let runs = self.runs.len();
+        match self.runs.last_mut() {
+            Some((first, count)) if *first + *count == q => *count += n,
+            _ if runs >= MAX_SEGMENT_RUNS => {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "the vault's store cannot grow: its segment map is full \
+                         ({MAX_SEGMENT_RUNS} runs of segments between file data)"
+                    ),
+                ));
+            }
+            _ => {
+                self.starts.push(self.len);
+                self.runs.push((q, n));
+            }
+        }
+        self.len += n;
+        Ok(())
+    }
+}
+
 /// The state every access consults: redb's length, the extent, the shadow
 /// pair of page 0 and the seal count.
 #[derive(Debug)]
@@ -92,6 +223,9 @@ struct Live {
     /// mostly overwrites soon after. Idle time ([`SectorStore::seal_unsealed`])
     /// and a clean close seal zeros into what is left.
     gaps: RangeSet,
+    /// The store segment map; `None`: the identity map (a header before
+    /// version 4, and no data segment claimed since).
+    map: Option<SegmentMap>,
     /// The physical sector (0 or 1) holding the newest copy of page 0.
     page0_newest: Option<u64>,
     /// Its generation (0 if none authenticates).
@@ -112,6 +246,32 @@ struct Live {
 }
 
 impl Live {
+    /// The physical sector of store position `pos` (FORMAT.md §4.10); `None`
+    /// where the map has no segment for it yet.
+    fn phys(&self, pos: u64) -> Option<u64> {
+        match &self.map {
+            None => Some(pos),
+            Some(map) => map.physical(pos / SEG).map(|q| q * SEG + pos % SEG),
+        }
+    }
+
+    /// The first physical segment after every segment in use: the store's,
+    /// and everything below the extent (data segments among it).
+    fn physical_end(&self) -> u64 {
+        let mapped = self.map.as_ref().map_or(0, SegmentMap::physical_end);
+        self.extent.div_ceil(SEG).max(mapped)
+    }
+
+    /// Whether physical sector `s` is a data sector: in a segment that is not
+    /// the store's, below the physical end.
+    fn is_data_sector(&self, s: u64) -> bool {
+        let q = s / SEG;
+        match &self.map {
+            None => false,
+            Some(map) => !map.holds(q) && q < self.physical_end(),
+        }
+    }
+
     /// Fill `out` (a whole number of nonces) with fresh random nonces.
     fn take_nonces(&mut self, out: &mut [u8]) -> io::Result<()> {
         let mut at = 0;
@@ -203,6 +363,13 @@ pub struct SectorStore {
     /// Long sequential reads bypass the page cache through this (see [`DirectReader`]);
     /// `None` where the file refuses `O_DIRECT`.
     direct: Option<DirectReader>,
+    /// The container opened again with `O_DIRECT`, for the aligned middle of
+    /// long runs of data sectors ([`Self::write_direct`]); `None` when
+    /// read-only or refused.
+    direct_write: Option<File>,
+    /// Cleared for good when a direct write failed: then everything is
+    /// written through the page cache.
+    direct_write_ok: AtomicBool,
     /// Every change to the file passes here, so a backup can hold it still.
     gate: Arc<FreezeGate>,
     #[cfg(test)]
@@ -210,6 +377,9 @@ pub struct SectorStore {
     /// Runs of sectors served by the direct reader.
     #[cfg(test)]
     direct_runs: AtomicU64,
+    /// Direct writes that succeeded.
+    #[cfg(test)]
+    direct_writes: AtomicU64,
 }
 
 /// Everything `Container::into_store` hands over.
@@ -252,6 +422,27 @@ fn scatter_sealed(
     }
 }
 
+/// The container opened again for writing with `O_DIRECT`, through
+/// `/proc/self/fd` (the same file even if its path changed), as
+/// [`DirectReader::open`] does for reading. `None` where that is refused.
+fn open_direct_writer(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .inspect_err(|e| tracing::debug!("no direct writes to the container: {e}"))
+        .ok()
+}
+
+/// A present store page without a sector: the map lost a segment, which no
+/// code path does.
+fn unmapped() -> io::Error {
+    io::Error::other("a store page has no sector in the segment map")
+}
+
 fn poisoned() -> io::Error {
     io::Error::other("the sector store is unusable after a panic in another thread")
 }
@@ -262,6 +453,7 @@ impl SectorStore {
         let live = Live {
             store_len: h.store_len,
             extent: h.extent,
+            map: h.segments.as_deref().map(SegmentMap::from_runs),
             page0_newest: None,
             page0_generation: 0,
             gaps: h.unsealed.iter().copied().collect(),
@@ -272,6 +464,9 @@ impl SectorStore {
             sealed: Vec::new(),
         };
         let direct = DirectReader::open(&parts.file);
+        let direct_write = (!parts.read_only)
+            .then(|| open_direct_writer(&parts.file))
+            .flatten();
         let store = SectorStore {
             id: h.id,
             epoch: h.epoch,
@@ -297,11 +492,15 @@ impl SectorStore {
             read_end: AtomicU64::new(0),
             read_ahead_to: AtomicU64::new(0),
             direct,
+            direct_write_ok: AtomicBool::new(direct_write.is_some()),
+            direct_write,
             gate: Arc::default(),
             #[cfg(test)]
             page0_tail_writes: AtomicU64::new(0),
             #[cfg(test)]
             direct_runs: AtomicU64::new(0),
+            #[cfg(test)]
+            direct_writes: AtomicU64::new(0),
         };
         store
             .find_page0()
@@ -324,15 +523,20 @@ impl SectorStore {
             .unwrap_or_default()
     }
 
-    /// The most bytes redb can hold, for a fixed-size container; `None`
-    /// when it grows with the host filesystem.
+    /// The most bytes redb's store and the data segments can hold together,
+    /// for a fixed-size container (its sectors less page 0's second copy and
+    /// the fsync log); `None` when it grows with the host filesystem. Data
+    /// segments take their share of it: [`Self::written_bytes`] counts them.
     pub fn capacity(&self) -> Option<u64> {
         self.capacity
             .map(|cap| (cap - 1 - self.fsync_log_pages) * S)
     }
 
-    /// Bytes of the store that are backed by sealed sectors (the extent, as
-    /// redb bytes). Never more than [`Self::capacity`].
+    /// Bytes of the data area in use: the extent (every sector below it is
+    /// sealed, or promised as a gap), less page 0's second copy, as bytes. It
+    /// counts redb's store and every claimed data segment whole, whether its
+    /// sectors were written yet or not. Never more than [`Self::capacity`]
+    /// (plus the fsync log's pages).
     pub fn written_bytes(&self) -> u64 {
         self.live
             .read()
@@ -439,10 +643,11 @@ impl SectorStore {
         if self.cache()?.get(page, out) {
             return Ok(true);
         }
+        let sector = live.phys(page + 1).ok_or_else(unmapped)?;
         let mut frame = [[0u8; NONCE_LEN + TAG_LEN]];
-        self.read_sealed_into(page + 1, out, &mut frame)?;
+        self.read_sealed_into(sector, out, &mut frame)?;
         let (nonce, tag) = frame[0].split_at(NONCE_LEN);
-        if self.open_parts(page + 1, nonce, out, tag) {
+        if self.open_parts(sector, nonce, out, tag) {
             Ok(true)
         } else {
             out.fill(0);
@@ -472,6 +677,162 @@ impl SectorStore {
             ));
         }
         Ok(1 + index)
+    }
+
+    // ------------------------------------------------ data segments ----
+
+    /// Sectors per data segment ([`SEGMENT_SECTORS`]).
+    pub fn data_segment_sectors(&self) -> u64 {
+        SEG
+    }
+
+    /// Give the store segments up to store position `end` (exclusive), at
+    /// the physical end, when it has a segment map; past the capacity of a
+    /// fixed-size container none (writes there fail with `ENOSPC`).
+    fn map_through(&self, live: &mut Live, end: u64) -> io::Result<()> {
+        let q = live.physical_end();
+        let Some(map) = &mut live.map else {
+            return Ok(());
+        };
+        let wanted = end.div_ceil(SEG).saturating_sub(map.len);
+        // Segments that start within the capacity (the last may be cut
+        // short), and within MAX_SECTORS.
+        let room = self
+            .capacity
+            .map_or(MAX_SECTORS / SEG, |cap| cap.div_ceil(SEG))
+            .min(MAX_SECTORS / SEG)
+            .saturating_sub(q);
+        match wanted.min(room) {
+            0 => Ok(()),
+            n => map.push(q, n),
+        }
+    }
+
+    /// Claims the segment at the physical end for file data and returns its
+    /// first sector (FORMAT.md §4.10). The first claim turns the identity map
+    /// into an explicit one (the store keeps the segments its length and
+    /// extent reach). The segment joins the extent as a gap: it reads as
+    /// zeros, the header records it at the next `sync_data` (a crash before
+    /// gives it back), and idle time seals zeros into what data leaves.
+    pub fn claim_data_segment(&self) -> io::Result<u64> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        let _change = self.gate.change();
+        let mut live = self.live_write()?;
+        let mut map = match &live.map {
+            Some(map) => map.clone(),
+            None => {
+                let used = live.extent.max(sectors_for_len(live.store_len));
+                let mut n = used.div_ceil(SEG).max(1);
+                if let Some(cap) = self.capacity {
+                    n = n.min(cap.div_ceil(SEG));
+                }
+                SegmentMap::identity(n)
+            }
+        };
+        let q = live.extent.div_ceil(SEG).max(map.physical_end());
+        let end = (q + 1) * SEG;
+        if end > MAX_SECTORS || self.capacity.is_some_and(|cap| end > cap) {
+            return Err(errno(libc::ENOSPC));
+        }
+        if live.extent < 2 {
+            // Page 0's shadow pair is never a gap: zeros in both copies.
+            let extent = live.extent;
+            self.fill_range(&mut live, extent, 2)?;
+            live.extent = 2;
+        }
+        // The file must be as long as the extent the header will promise
+        // (FORMAT.md §1.1): a growing one gets a hole (a gap reads as zeros
+        // without touching it), made durable by the next sync's `fdatasync`
+        // before the header records the extent.
+        let want = file_len_for_sectors(end);
+        if self.capacity.is_none() && self.file.metadata()?.len() < want {
+            self.file.set_len(want)?;
+            self.unsynced.store(true, Ordering::Release);
+        }
+        // The map changes only now that nothing can fail any more.
+        map.runs.shrink_to_fit();
+        live.map = Some(map);
+        let extent = live.extent;
+        live.gaps.insert(extent, end);
+        live.extent = end;
+        Ok(q * SEG)
+    }
+
+    /// Refuse (`EINVAL`) sectors `first..first + count` unless all lie in
+    /// data segments: segments that are not the store's, below the physical
+    /// end. The store cannot tell a data segment the filesystem recorded
+    /// from one it claimed and forgot, so it accepts either.
+    fn check_data_sectors(live: &Live, first: u64, count: u64) -> io::Result<()> {
+        let end = first
+            .checked_add(count)
+            .ok_or_else(|| errno(libc::EINVAL))?;
+        let mut q = first / SEG;
+        while q * SEG < end {
+            if !live.is_data_sector(q * SEG) {
+                return Err(errno(libc::EINVAL));
+            }
+            q += 1;
+        }
+        Ok(())
+    }
+
+    /// Seals `plain` (whole 4096-byte sectors) into data sectors `first..`,
+    /// as store writes seal pages (extent, gaps, seal budget, writeback), but
+    /// never into the plaintext cache, and long runs mostly past the page
+    /// cache ([`Self::write_direct`]). Durable after the next `sync_data`.
+    pub fn write_data_sectors(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if !plain.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(errno(libc::EINVAL));
+        }
+        if plain.is_empty() {
+            return Ok(());
+        }
+        let count = (plain.len() / SECTOR_SIZE) as u64;
+        let _change = self.gate.change();
+        let mut live = self.live_write()?;
+        Self::check_data_sectors(&live, first, count)?;
+        // The cache is keyed by store page, and no store page lies in a data
+        // segment: there is nothing in it to drop.
+        let sectors = (0..count as usize)
+            .map(|i| (first + i as u64, Source::Page(i)))
+            .collect();
+        self.seal_sectors(&mut live, sectors, plain, true)
+    }
+
+    /// Opens data sectors `first..` into `out` (whole sectors). A sector never
+    /// written (a gap, or beyond the extent) reads as zeros without touching
+    /// the file; one failing authentication reads as zeros and is counted
+    /// ([`Self::damaged_reads`]). Long runs read in order go past the page
+    /// cache (the direct reader); nothing goes into the plaintext cache.
+    pub fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        if !out.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(errno(libc::EINVAL));
+        }
+        let count = (out.len() / SECTOR_SIZE) as u64;
+        let live = self.live_read()?;
+        Self::check_data_sectors(&live, first, count)?;
+        let sealed = |s: u64| s < live.extent && !live.gaps.contains(s);
+        let mut i = 0;
+        while i < count {
+            let at = i as usize * SECTOR_SIZE;
+            if !sealed(first + i) {
+                out[at..at + SECTOR_SIZE].fill(0);
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < count && j - i < IO_CHUNK_SECTORS && sealed(first + j) {
+                j += 1;
+            }
+            self.load_run(first + i, &mut out[at..j as usize * SECTOR_SIZE], None)?;
+            i = j;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------ sealing ----
@@ -601,13 +962,14 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Whether redb page `page` has been written (is below the extent and
-    /// not in a gap).
+    /// Whether store page `page` has been written (its sector is mapped,
+    /// below the extent and not in a gap).
     fn present(live: &Live, page: u64) -> bool {
         if page == 0 {
             live.extent > 0
         } else {
-            page + 1 < live.extent && !live.gaps.contains(page + 1)
+            live.phys(page + 1)
+                .is_some_and(|s| s < live.extent && !live.gaps.contains(s))
         }
     }
 
@@ -627,13 +989,17 @@ impl SectorStore {
                 }
             }
         }
+        // Present pages are mapped.
+        let sector = |page: u64| live.phys(page + 1).unwrap_or(u64::MAX);
         let mut at = 0;
         while at < misses.len() {
-            // A run of consecutive pages, up to one I/O chunk.
+            // A run of consecutive pages in consecutive sectors (a store
+            // segment boundary may part them), up to one I/O chunk.
             let start = misses[at];
             let mut end = at + 1;
             while end < misses.len()
                 && misses[end] == misses[end - 1] + 1
+                && sector(misses[end]) == sector(misses[end - 1]) + 1
                 && (end - at) < IO_CHUNK_SECTORS as usize
                 && start != 0
             {
@@ -644,9 +1010,10 @@ impl SectorStore {
             if start == 0 {
                 self.load_page0(live, dst)?;
             } else {
+                let phys = sector(start);
                 let cache = (end - at) <= CACHE_RUN_PAGES
-                    || self.written_since_sync(start, (end - at) as u64)?;
-                self.load_run(start, dst, cache)?;
+                    || self.written_since_sync(phys, (end - at) as u64)?;
+                self.load_run(phys, dst, cache.then_some(start))?;
             }
             at = end;
         }
@@ -667,49 +1034,50 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Whether pages `first..first + count` were all written since the last
-    /// sync.
+    /// Whether physical sectors `first..first + count` were all written since
+    /// the last sync.
     fn written_since_sync(&self, first: u64, count: u64) -> io::Result<bool> {
         let recent = self.recent.lock().map_err(|_| poisoned())?;
-        Ok(recent.covers(first + 1, first + 1 + count))
+        Ok(recent.covers(first, first + count))
     }
 
-    /// Read and open the pages `first..` filling `dst`, which are all below
-    /// the extent and not cached; put them in the cache if `cache`. Each
-    /// sector's ciphertext is read straight into its place in `dst` and
-    /// opened there, so no buffer ever holds plaintext but `dst`. The caller
-    /// caches short runs (redb's btree pages) and what was written since the
-    /// last sync (see [`Self::recent`]), not other long runs: they are file
-    /// data, which the kernel caches above us, and would push the metadata
-    /// out.
-    fn load_run(&self, first: u64, dst: &mut [u8], cache: bool) -> io::Result<()> {
+    /// Read and open the physical sectors `first..` filling `dst`, which are
+    /// all below the extent and not cached; put them in the cache as the
+    /// store pages from `cache` on, if given. Each sector's ciphertext is
+    /// read straight into its place in `dst` and opened there, so no buffer
+    /// ever holds plaintext but `dst`. The caller caches short runs (redb's
+    /// btree pages) and what was written since the last sync (see
+    /// [`Self::recent`]), not other long runs: they are file data, which the
+    /// kernel caches above us, and would push the metadata out. Data sectors
+    /// are never cached.
+    fn load_run(&self, first: u64, dst: &mut [u8], cache: Option<u64>) -> io::Result<()> {
         let count = dst.len() / SECTOR_SIZE;
         let mut frames = vec![[0u8; NONCE_LEN + TAG_LEN]; count];
-        let sequential = self.follows_last_read(first + 1, count as u64);
+        let sequential = self.follows_last_read(first, count as u64);
         // File data read in order skips the page cache; what is cached here, or read out of
         // order, goes through it.
-        if cache || !self.read_direct(first + 1, dst, &mut frames, sequential) {
+        if cache.is_some() || !self.read_direct(first, dst, &mut frames, sequential) {
             if sequential {
-                self.read_ahead(first + 1, count as u64);
+                self.read_ahead(first, count as u64);
             }
-            self.read_sealed_into(first + 1, dst, &mut frames)?;
+            self.read_sealed_into(first, dst, &mut frames)?;
         }
         let mut authentic = vec![false; count];
         for (i, (out, frame)) in dst.chunks_mut(SECTOR_SIZE).zip(&frames).enumerate() {
-            let page = first + i as u64;
+            let sector = first + i as u64;
             let (nonce, tag) = frame.split_at(NONCE_LEN);
-            if self.open_parts(page + 1, nonce, out, tag) {
+            if self.open_parts(sector, nonce, out, tag) {
                 authentic[i] = true;
             } else {
                 out.fill(0);
-                self.note_damage(page + 1);
+                self.note_damage(sector);
             }
         }
-        if cache {
+        if let Some(page) = cache {
             let mut cache = self.cache()?;
             for (i, out) in dst.chunks(SECTOR_SIZE).enumerate() {
                 if authentic[i] {
-                    cache.insert(first + i as u64, out);
+                    cache.insert(page + i as u64, out);
                 }
             }
         }
@@ -923,10 +1291,21 @@ impl SectorStore {
     fn write_locked(&self, live: &mut Live, offset: u64, data: &[u8], end: u64) -> io::Result<()> {
         let first = offset / S;
         let last = (end - 1) / S;
-        if let Some(cap) = self.capacity
-            && last + 2 > cap
-        {
-            return Err(errno(libc::ENOSPC));
+        self.map_through(live, last + 2)?;
+        if end > live.store_len {
+            let from = sectors_for_len(live.store_len);
+            Self::expose(live, from, last + 2);
+        }
+        // The map only grows at the physical end, so the last page has the
+        // highest sector; a page the map has no segment for does not fit.
+        let top = match last {
+            0 => Some(1),
+            _ => live.phys(last + 1),
+        };
+        match (top, self.capacity) {
+            (None, _) => return Err(errno(libc::ENOSPC)),
+            (Some(top), Some(cap)) if top + 1 > cap => return Err(errno(libc::ENOSPC)),
+            _ => {}
         }
         if first == 0 {
             self.check_page0_tail(offset, data)?;
@@ -1010,9 +1389,8 @@ impl SectorStore {
     }
 
     /// Seal and write `pages` (the plaintext of `count` whole pages from
-    /// redb page `first` on, page 0's generation already in place) and every
-    /// never-written sector below the new extent, then update the cache and
-    /// the extent.
+    /// store page `first` on, page 0's generation already in place), then
+    /// update the cache and, through [`Self::seal_sectors`], the extent.
     fn seal_pages(
         &self,
         live: &mut Live,
@@ -1020,45 +1398,21 @@ impl SectorStore {
         count: usize,
         pages: &[u8],
     ) -> io::Result<()> {
-        let last = first + count as u64 - 1;
         // Page 0 goes to the older copy of its shadow pair.
         let page0 = (first == 0).then(|| match live.page0_newest {
             Some(newest) => 1 - newest,
             None => 0,
         });
-
-        // Physical sectors to seal, in file order: the pages, and every
-        // never-written sector below the new extent (sealed zeros, so the
-        // data area has no holes and reads of them authenticate) — except
-        // a gap below pages beyond the extent, which waits for `sync_data`
-        // (`Live::gaps`). Page 0's shadow pair is never part of a gap.
-        let mut sectors: Vec<(u64, Source)> = (0..count)
-            .map(|i| {
-                let page = first + i as u64;
-                let sector = match (page, page0) {
-                    (0, Some(target)) => target,
-                    _ => page + 1,
-                };
-                (sector, Source::Page(i))
-            })
-            .collect();
-        let new_extent = live.extent.max(last + 2);
-        // The pages occupy sectors max(first, 1) + 1 ..= last + 1, plus
-        // page 0's target.
-        let written =
-            |s: u64| (s > first.max(1) && s <= last + 1) || page0.is_some_and(|target| s == target);
-        let deferred = (first >= 1 && live.extent >= 2 && first + 1 > live.extent)
-            .then_some((live.extent, first + 1));
-        let zeros_from = deferred.map_or(live.extent, |(_, end)| end);
-        sectors.extend(
-            (zeros_from..new_extent)
-                .filter(|&s| !written(s))
-                .map(|s| (s, Source::Zero)),
-        );
-        sectors.sort_unstable_by_key(|&(s, _)| s);
-
-        self.reserve_seals(live, sectors.len() as u64)?;
-        self.seal_and_write(live, &sectors, pages)?;
+        let mut sectors = Vec::with_capacity(count);
+        for i in 0..count {
+            let page = first + i as u64;
+            let sector = match (page, page0) {
+                (0, Some(target)) => target,
+                _ => live.phys(page + 1).ok_or_else(unmapped)?,
+            };
+            sectors.push((sector, Source::Page(i)));
+        }
+        self.seal_sectors(live, sectors, pages, false)?;
 
         let mut cache = self.cache()?;
         for (i, page) in pages.chunks(SECTOR_SIZE).enumerate() {
@@ -1075,16 +1429,78 @@ impl SectorStore {
                 cache.insert(n, page);
             }
         }
-        drop(cache);
-        if last >= 1 {
-            live.gaps.remove(first.max(1) + 1, last + 2);
-            self.recent
-                .lock()
-                .map_err(|_| poisoned())?
-                .insert(first.max(1) + 1, last + 2);
+        Ok(())
+    }
+
+    /// Seal and write `sectors` (physical sectors and what they hold), then
+    /// account for them: every never-written sector between the old extent
+    /// and the new one becomes a gap (`Live::gaps`), or — next to page 0's
+    /// shadow pair, in a store of under two sectors, which is never part of
+    /// a gap — is sealed as zeros with the write; written sectors leave the
+    /// gaps and are recent. `data`: file data, written past the page cache
+    /// where it can be.
+    fn seal_sectors(
+        &self,
+        live: &mut Live,
+        mut sectors: Vec<(u64, Source)>,
+        plain: &[u8],
+        data: bool,
+    ) -> io::Result<()> {
+        sectors.sort_unstable_by_key(|&(s, _)| s);
+        let (Some(&(low, _)), Some(&(top, _))) = (sectors.first(), sectors.last()) else {
+            return Ok(());
+        };
+        // A write of page 0 needs both sectors of its shadow pair.
+        let top = if low < 2 { top.max(1) } else { top };
+        let new_extent = live.extent.max(top + 1);
+        // Sectors in `old extent..new extent` that this write leaves out.
+        let mut unwritten = Vec::new();
+        let mut cursor = live.extent;
+        for &(s, _) in &sectors {
+            if s >= cursor {
+                if s > cursor {
+                    unwritten.push((cursor, s));
+                }
+                cursor = s + 1;
+            }
         }
-        if let Some((start, end)) = deferred {
-            live.gaps.insert(start, end);
+        if cursor < new_extent {
+            unwritten.push((cursor, new_extent));
+        }
+        let deferred = if live.extent >= 2 {
+            unwritten
+        } else {
+            for &(lo, hi) in &unwritten {
+                sectors.extend((lo..hi).map(|s| (s, Source::Zero)));
+            }
+            sectors.sort_unstable_by_key(|&(s, _)| s);
+            Vec::new()
+        };
+
+        self.reserve_seals(live, sectors.len() as u64)?;
+        self.seal_and_write(live, &sectors, plain, data)?;
+
+        // The written sectors, as runs (page 0's shadow pair is no gap and
+        // never recent: §4.1 has its own rules).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &(s, source) in &sectors {
+            if s < 2 || matches!(source, Source::Zero) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((_, end)) if *end == s => *end += 1,
+                _ => runs.push((s, s + 1)),
+            }
+        }
+        {
+            let mut recent = self.recent.lock().map_err(|_| poisoned())?;
+            for &(lo, hi) in &runs {
+                live.gaps.remove(lo, hi);
+                recent.insert(lo, hi);
+            }
+        }
+        for (lo, hi) in deferred {
+            live.gaps.insert(lo, hi);
         }
         live.extent = new_extent;
         Ok(())
@@ -1119,7 +1535,7 @@ impl SectorStore {
             let end = stop.min(at + GAP_FILL_BATCH);
             let sectors: Vec<(u64, Source)> = (at..end).map(|s| (s, Source::Zero)).collect();
             self.reserve_seals(live, sectors.len() as u64)?;
-            self.seal_and_write(live, &sectors, &[])?;
+            self.seal_and_write(live, &sectors, &[], false)?;
             live.gaps.remove(at, end);
         }
         Ok(())
@@ -1150,15 +1566,17 @@ impl SectorStore {
     }
 
     /// Seal `sectors` (sorted) and write each run of consecutive ones with
-    /// one `pwrite`, in the buffer kept in `live`.
+    /// one `pwrite`, in the buffer kept in `live`; long runs of file data
+    /// (`data`) mostly past the page cache ([`Self::write_direct`]).
     fn seal_and_write(
         &self,
         live: &mut Live,
         sectors: &[(u64, Source)],
         plain: &[u8],
+        data: bool,
     ) -> io::Result<()> {
         let mut buf = std::mem::take(&mut live.sealed);
-        let result = self.seal_and_write_in(live, sectors, plain, &mut buf);
+        let result = self.seal_and_write_in(live, sectors, plain, &mut buf, data);
         live.sealed = buf;
         result
     }
@@ -1169,22 +1587,36 @@ impl SectorStore {
         sectors: &[(u64, Source)],
         plain: &[u8],
         buf: &mut Vec<u8>,
+        data: bool,
     ) -> io::Result<()> {
+        let max_run = if data {
+            DATA_IO_CHUNK_SECTORS
+        } else {
+            IO_CHUNK_SECTORS
+        } as usize;
         let mut at = 0;
         while at < sectors.len() {
             let mut end = at + 1;
             while end < sectors.len()
                 && sectors[end].0 == sectors[end - 1].0 + 1
-                && end - at < IO_CHUNK_SECTORS as usize
+                && end - at < max_run
             {
                 end += 1;
             }
             let run = &sectors[at..end];
             let len = run.len() * SEALED_SECTOR_SIZE;
-            if buf.len() < len {
-                buf.resize(len, 0);
+            let offset = sector_offset(run[0].0);
+            // The sealed run lies in `buf` as it will in the file relative to
+            // the 4 KiB pages around it: `buf[base]` is aligned in memory and
+            // stands for the file offset `offset - pad`, so the aligned middle
+            // can be written with O_DIRECT straight from here. (The buffer
+            // never moves unless it grows, so `base` is found again each time.)
+            let pad = (offset % ALIGN) as usize;
+            if buf.len() < len + 2 * ALIGN as usize {
+                buf.resize(len + 2 * ALIGN as usize, 0);
             }
-            let slots = &mut buf[..len];
+            let base = buf.as_ptr().align_offset(ALIGN as usize);
+            let slots = &mut buf[base + pad..base + pad + len];
             let mut nonces = vec![0u8; run.len() * NONCE_LEN];
             live.take_nonces(&mut nonces)?;
             let sealed = run
@@ -1207,14 +1639,61 @@ impl SectorStore {
                 return Err(e);
             }
             self.unsynced.store(true, Ordering::Release);
-            let offset = sector_offset(run[0].0);
             if let Some(direct) = &self.direct {
                 direct.forget(offset, len as u64);
             }
-            self.file.write_all_at(slots, offset)?;
-            self.start_writeback(len as u64);
+            if data && run.len() >= DIRECT_WRITE_MIN_SECTORS {
+                self.write_direct(&buf[base..base + pad + len], pad, offset)?;
+            } else {
+                self.file
+                    .write_all_at(&buf[base + pad..base + pad + len], offset)?;
+                self.start_writeback(len as u64);
+            }
             at = end;
         }
+        Ok(())
+    }
+
+    /// Write `aligned[pad..]` at file offset `offset`, where `aligned` starts
+    /// on a 4 KiB boundary in memory and stands for the file from `offset -
+    /// pad` (a 4 KiB boundary too): the whole 4 KiB pages in the middle with
+    /// one `O_DIRECT` `pwrite`, the partial pages at either end through the
+    /// page cache. A buffered write makes the kernel allocate and fill a
+    /// page-cache page for every 4 KiB, and write it back later; file data is
+    /// cached above us (in the mount's page cache), so that is all cost. Where
+    /// a direct write fails (a file system without `O_DIRECT`, or anything
+    /// else), it and every later one go through the page cache instead.
+    /// Nothing here is durable before `sync_data`'s `fdatasync`.
+    fn write_direct(&self, aligned: &[u8], pad: usize, offset: u64) -> io::Result<()> {
+        let len = (aligned.len() - pad) as u64;
+        let end = offset + len;
+        let (a0, a1) = (offset.next_multiple_of(ALIGN), end - end % ALIGN);
+        let direct = self
+            .direct_write
+            .as_ref()
+            .filter(|_| self.direct_write_ok.load(Ordering::Acquire));
+        let Some(direct) = direct.filter(|_| a0 < a1) else {
+            self.file.write_all_at(&aligned[pad..], offset)?;
+            self.start_writeback(len);
+            return Ok(());
+        };
+        let base = offset - pad as u64;
+        let part = |from: u64, to: u64| &aligned[(from - base) as usize..(to - base) as usize];
+        self.file.write_all_at(part(offset, a0), offset)?;
+        let middle = part(a0, a1);
+        match direct.write_all_at(middle, a0) {
+            Ok(()) => {
+                #[cfg(test)]
+                self.direct_writes.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                tracing::debug!("direct writes to the container stop: {e}");
+                self.direct_write_ok.store(false, Ordering::Release);
+                self.file.write_all_at(middle, a0)?;
+            }
+        }
+        self.file.write_all_at(part(a1, end), a1)?;
+        self.start_writeback((a0 - offset) + (end - a1));
         Ok(())
     }
 
@@ -1268,8 +1747,14 @@ impl SectorStore {
         }
         let mut live = self.live_write()?;
         if len >= live.store_len {
-            // Growth: the new bytes are beyond the extent, so they read as
-            // zeros. Nothing physical happens until they are written.
+            // Growth: the new bytes are beyond the extent (or in segments
+            // not mapped yet, or gaps), so they read as zeros. Nothing
+            // physical happens until they are written; with a segment map
+            // their segments are taken now, at the physical end, so one
+            // growth stays one run of segments.
+            self.map_through(&mut live, sectors_for_len(len))?;
+            let from = sectors_for_len(live.store_len);
+            Self::expose(&mut live, from, sectors_for_len(len));
             live.store_len = len;
             return Ok(());
         }
@@ -1282,7 +1767,11 @@ impl SectorStore {
             self.write_locked(&mut live, len, &zeros, end)?;
         }
         live.store_len = len;
-        live.extent = live.extent.min(sectors_for_len(len));
+        if live.map.is_some() {
+            self.shrink_mapped(&mut live, len)?;
+        } else {
+            live.extent = live.extent.min(sectors_for_len(len));
+        }
         let extent = live.extent;
         live.gaps.remove(extent, u64::MAX);
         if live.extent == 0 {
@@ -1293,6 +1782,161 @@ impl SectorStore {
             self.truncate_file(&mut live)?;
         }
         Ok(())
+    }
+
+    /// A shrink with a segment map. The extent comes down to the end of what
+    /// is still in use — the store's sectors the new length needs, and every
+    /// data segment. The store's segments above that point, past the new
+    /// length with no data segment after them, leave the map (as the file is
+    /// cut there, that is what a vault without data segments has always done
+    /// when redb trims its tail at close); the store's other segments stay
+    /// mapped (one in the middle could not be told from a data segment
+    /// later). The store's sectors past the new length below the extent keep
+    /// what they hold (nothing reads them: they are past the length) until a
+    /// growth brings them back, as gaps ([`Self::expose`]); making them gaps
+    /// now would have a clean close seal zeros into all of them at every
+    /// unmount after redb trims its tail.
+    fn shrink_mapped(&self, live: &mut Live, len: u64) -> io::Result<()> {
+        let Some(map) = live.map.clone() else {
+            return Ok(());
+        };
+        let needed = sectors_for_len(len);
+        if needed < 2 && live.extent > 0 {
+            // Page 0's shadow pair cannot be a gap: zeros in both copies.
+            let stop = live.extent.min(2);
+            self.fill_range(live, 0, stop)?;
+            live.page0_newest = None;
+            live.page0_generation = 0;
+        }
+        let store_end = Self::store_end(live, len)?;
+        let mut keep = store_end;
+        // The highest data segment below the extent.
+        let mut q = live.extent.div_ceil(SEG);
+        while q * SEG > keep {
+            q -= 1;
+            if !map.holds(q) {
+                keep = (q + 1) * SEG;
+                break;
+            }
+        }
+        live.extent = keep.min(live.extent).max(live.extent.min(2));
+        let cut = live.extent.max(store_end).div_ceil(SEG);
+        if let Some(map) = &mut live.map {
+            map.cut_at(cut);
+        }
+        Ok(())
+    }
+
+    /// One past the physical sector of the last store position a store of
+    /// `len` bytes uses (0 for an empty store). With a segment map the store's
+    /// positions rise with their sectors, so nothing of the store's below the
+    /// length lies higher.
+    fn store_end(live: &Live, len: u64) -> io::Result<u64> {
+        let needed = sectors_for_len(len);
+        let mapped = live.map.as_ref().map_or(needed, |map| map.len * SEG);
+        Ok(match needed.min(mapped) {
+            0 => 0,
+            n => live.phys(n - 1).ok_or_else(unmapped)? + 1,
+        })
+    }
+
+    /// Gives the host back the segments at the end of a growing container
+    /// that hold nothing (see `crate::fs::Storage::release_unused_segments`):
+    /// `data_in_use` lists the first sectors of the data segments the
+    /// filesystem still uses, every other data segment is free. The end kept
+    /// is the highest of: segment 0, the store's sectors below its length,
+    /// the listed data segments. Everything physically above it leaves the
+    /// data area: store segments there leave the map, the extent and the
+    /// unsealed ranges are cut to it (never raised). Segments in between stay
+    /// as they are (nothing is moved). In this order: the sectors written so
+    /// far are synced, the header records the smaller data area (durably),
+    /// the file is truncated to it, and `fdatasync`. A crash after the header
+    /// write leaves a file longer than its extent, which opens as any such
+    /// file does (the bytes past the extent are ignored) and which the next
+    /// release truncates. Returns the bytes the file shrank by. A fixed-size
+    /// container changes nothing (`Ok(0)`); read-only access is `EROFS`; an
+    /// entry of `data_in_use` that is not the first sector of a data segment
+    /// is `EINVAL`, and then nothing changes.
+    pub fn release_unused_segments(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        if self.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if self.capacity.is_some() {
+            return Ok(0);
+        }
+        let _change = self.gate.change();
+        let mut live = self.live_write()?;
+        let want = self.record_release(&mut live, data_in_use)?;
+        let len = self.file.metadata()?.len();
+        if len <= want {
+            return Ok(0);
+        }
+        if let Some(direct) = &self.direct {
+            direct.forget(want, len - want);
+        }
+        self.file.set_len(want)?;
+        self.file.sync_data()?;
+        Ok(len - want)
+    }
+
+    /// The first part of [`Self::release_unused_segments`]: cut the data area
+    /// in `live` and record it in the header (durably), or change nothing.
+    /// Returns the file length the smaller data area needs.
+    fn record_release(&self, live: &mut Live, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut keep = Self::store_end(live, live.store_len)?;
+        for &first in data_in_use {
+            if !first.is_multiple_of(SEG) || !live.is_data_sector(first) {
+                return Err(errno(libc::EINVAL));
+            }
+            keep = keep.max(first + SEG);
+        }
+        let old = (live.extent, live.gaps.clone(), live.map.clone());
+        let extent = keep.min(live.extent).max(live.extent.min(2));
+        live.extent = extent;
+        live.gaps.remove(extent, u64::MAX);
+        if let Some(map) = &mut live.map {
+            map.cut_at(keep.div_ceil(SEG));
+        }
+        let recorded = self
+            .fill_excess_gaps(live)
+            .and_then(|()| self.sync_sectors())
+            .and_then(|()| self.record_data_area(live));
+        if let Err(e) = recorded {
+            // Nothing durable describes the smaller area: it is all still there.
+            (live.extent, live.gaps, live.map) = old;
+            return Err(e);
+        }
+        Ok(file_len_for_sectors(extent))
+    }
+
+    /// A release interrupted by a crash after its header write: the header
+    /// describes the smaller data area, the file keeps its length.
+    #[cfg(test)]
+    pub(crate) fn release_without_truncate(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        let mut live = self.live_write()?;
+        self.record_release(&mut live, data_in_use)
+    }
+
+    /// Store positions `from..to` come back into the store's length (a
+    /// growth, with a segment map): those of their sectors still sealed from
+    /// before a shrink (below the extent, which data segments keep up)
+    /// become gaps, so that they read as zeros, as new bytes must.
+    fn expose(live: &mut Live, from: u64, to: u64) {
+        let Some(map) = &live.map else {
+            return;
+        };
+        let to = to.min(map.len * SEG);
+        let mut at = from.max(2);
+        while at < to {
+            let seg_end = ((at / SEG + 1) * SEG).min(to);
+            if let Some(first) = live.phys(at) {
+                let end = (first + (seg_end - at)).min(live.extent);
+                if first < end {
+                    live.gaps.insert(first, end);
+                }
+            }
+            at = seg_end;
+        }
     }
 
     /// Give back the file space beyond the extent of a growing container:
@@ -1316,19 +1960,29 @@ impl SectorStore {
     fn record_data_area(&self, live: &Live) -> io::Result<()> {
         let mut meta = self.meta()?;
         let unsealed = live.gaps.to_vec();
+        let segments = live.map.as_ref().map(SegmentMap::to_runs);
         let h = &meta.header;
-        if (h.store_len, h.extent, &h.unsealed) == (live.store_len, live.extent, &unsealed) {
+        if (h.store_len, h.extent, &h.unsealed, &h.segments)
+            == (live.store_len, live.extent, &unsealed, &segments)
+        {
             return Ok(());
         }
-        let old = (h.store_len, h.extent, h.unsealed.clone());
+        let old = (
+            h.store_len,
+            h.extent,
+            h.unsealed.clone(),
+            h.segments.clone(),
+        );
         meta.header.store_len = live.store_len;
         meta.header.extent = live.extent;
         meta.header.unsealed = unsealed;
+        meta.header.segments = segments;
         meta.write(&self.file).inspect_err(|_| {
             (
                 meta.header.store_len,
                 meta.header.extent,
                 meta.header.unsealed,
+                meta.header.segments,
             ) = old;
         })
     }
@@ -1362,13 +2016,12 @@ impl SectorStore {
     /// since the last sync reached and that still have unsealed sectors: in
     /// a gap, or beyond the extent.
     fn partly_sealed_blocks(&self, live: &Live) -> io::Result<Vec<(u64, u64)>> {
-        let limit = self.sector_limit(live);
         let recent = self.recent.lock().map_err(|_| poisoned())?;
         let mut blocks: Vec<(u64, u64)> = Vec::new();
         for (lo, hi) in recent.to_vec() {
             for block in lo / BLOCK_SECTORS..hi.div_ceil(BLOCK_SECTORS) {
                 let start = block * BLOCK_SECTORS;
-                let end = (start + BLOCK_SECTORS).min(limit);
+                let end = (start + BLOCK_SECTORS).min(self.sector_limit(live, start));
                 let unsealed = live.extent < end || !live.gaps.pieces(start, end).is_empty();
                 if start < end && unsealed && blocks.last() != Some(&(start, end)) {
                     blocks.push((start, end));
@@ -1396,12 +2049,21 @@ impl SectorStore {
         Ok(())
     }
 
-    /// Sectors the store may seal: those its length needs, within the
-    /// capacity of a fixed-size container.
-    fn sector_limit(&self, live: &Live) -> u64 {
+    /// Where sealing the block at physical sector `start` must stop: at the
+    /// sectors the store's length needs, within the capacity of a fixed-size
+    /// container. With a segment map that end lies in one segment; a block in
+    /// another (a data segment, or a store segment the length covers whole)
+    /// may be sealed to the end of its segment.
+    fn sector_limit(&self, live: &Live, start: u64) -> u64 {
         let needed = sectors_for_len(live.store_len);
-        self.capacity
-            .map_or(needed, |capacity| needed.min(capacity))
+        let limit = match live.map {
+            None => needed,
+            Some(_) => match needed.checked_sub(1).and_then(|p| live.phys(p)) {
+                Some(last) if last / SEG == start / SEG => last + 1,
+                _ => (start / SEG + 1) * SEG,
+            },
+        };
+        self.capacity.map_or(limit, |capacity| limit.min(capacity))
     }
 
     /// `fdatasync`, unless no sector was written since the last one; then
@@ -1469,6 +2131,23 @@ impl SectorStore {
     #[cfg(test)]
     pub(crate) fn direct_runs(&self) -> u64 {
         self.direct_runs.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn direct_writes(&self) -> u64 {
+        self.direct_writes.load(Ordering::Acquire)
+    }
+
+    /// Whether direct writes are (still) used.
+    #[cfg(test)]
+    pub(crate) fn direct_write_available(&self) -> bool {
+        self.direct_write_ok.load(Ordering::Acquire)
+    }
+
+    /// Stop using direct writes (to compare against buffered ones).
+    #[cfg(test)]
+    pub(crate) fn disable_direct_writes(&self) {
+        self.direct_write_ok.store(false, Ordering::Release);
     }
 
     #[cfg(test)]
@@ -1583,6 +2262,24 @@ pub struct SectorScan {
 
 // `keybound verify --deep` (`crate::session::verify`).
 impl SectorStore {
+    /// The physical sectors redb's pages `pages` live in (FORMAT.md §4.1,
+    /// §4.9, §4.10): page 0 in sectors 0 and 1, the others through the fsync
+    /// log's offset and the segment map. Pages the map has no segment for
+    /// have no sector.
+    pub fn sectors_of_redb_pages(&self, pages: std::ops::Range<u64>) -> Vec<u64> {
+        let Ok(live) = self.live_read() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for page in pages {
+            match page {
+                0 => out.extend([0, 1]),
+                k => out.extend(live.phys(k + self.fsync_log_pages + 1)),
+            }
+        }
+        out
+    }
+
     /// Read and authenticate every sealed sector below the extent, straight
     /// from the file: no cache, no damage counters, nothing written.
     /// `progress(done, total)` sees the sectors checked so far.

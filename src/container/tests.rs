@@ -14,6 +14,8 @@ use super::*;
 use crate::crypto::{Argon2Params, MasterKey, SALT_LEN};
 use crate::secrets::SecretBytes;
 
+mod segments;
+
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("t");
 
 fn kek(byte: u8) -> SecretBytes {
@@ -357,12 +359,12 @@ fn not_a_container_and_future_versions_are_refused() {
 
     let v = create_vault(None);
     for copy in [0, 1] {
-        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 3 ^ 4);
+        xor_byte(&v.path, HEADER_COPY_OFFSETS[copy] + H_VERSION as u64, 3 ^ 5);
         fix_checksum(&v.path, copy);
     }
     let err = Container::inspect(&v.path).unwrap_err();
     assert!(
-        matches!(err, ContainerError::UnsupportedVersion { version: 4, .. }),
+        matches!(err, ContainerError::UnsupportedVersion { version: 5, .. }),
         "{err}"
     );
 }
@@ -458,7 +460,9 @@ fn header_info_serializes_without_secrets() {
     assert!(json.contains("\"type\":\"token\""), "{json}");
     assert!(json.contains("\"serial\":31337"), "{json}");
     assert_eq!(info.slots.len(), 1);
-    assert_eq!(info.version, FORMAT_VERSION);
+    // No segment map until a data segment is claimed: version 3.
+    assert_eq!(info.version, FORMAT_VERSION_WITHOUT_SEGMENTS);
+    assert_eq!(info.store_segments, None);
     assert_eq!(info.fixed_size, None);
     assert_eq!(info.copy_used, HeaderCopy::B);
 }

@@ -345,7 +345,7 @@ fn compare_copies(
             None,
         ));
     }
-    let checks: [(&'static str, bool); 9] = [
+    let checks: [(&'static str, bool); 10] = [
         ("store length", used.store_len != other.store_len),
         ("extent", used.extent != other.extent),
         ("capacity", used.capacity != other.capacity),
@@ -355,6 +355,7 @@ fn compare_copies(
         ("policy", used.policy != other.policy),
         ("rotation state", used.rekeying != other.rekeying),
         ("pending slots", used.pending != other.pending),
+        ("store segments", used.segments != other.segments),
     ];
     report.copies_differ_in = checks
         .into_iter()

@@ -9,6 +9,10 @@
 //! 4096-byte pages, and `sync_data` does nothing. redb repairs in memory;
 //! nothing reaches the file.
 //!
+//! File data outside redb (data segments, FORMAT.md §4.10) is read from the
+//! base; data sectors written are kept in memory like pages, and no segment
+//! can be claimed (the overlay does not know where the base's file ends).
+//!
 //! The overlay also records which pages a read that met damage covered, so
 //! that the caller can tell which damaged sectors each step of the
 //! filesystem check touched ([`CowStorage::take_damaged_pages`]).
@@ -38,6 +42,14 @@ pub(crate) trait OverlayBase: redb::StorageBackend {
     fn read_fsync_log_page(&self, _index: u64, _out: &mut [u8]) -> io::Result<bool> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Sectors per data segment (see [`crate::fs::Storage::data_segment_sectors`]); 0: none.
+    fn data_segment_sectors(&self) -> u64 {
+        0
+    }
+    /// Reads data sectors (see [`crate::fs::Storage::read_data_sectors`]).
+    fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl OverlayBase for SectorStore {
@@ -55,6 +67,14 @@ impl OverlayBase for SectorStore {
 
     fn read_fsync_log_page(&self, index: u64, out: &mut [u8]) -> io::Result<bool> {
         SectorStore::read_fsync_log_page(self, index, out)
+    }
+
+    fn data_segment_sectors(&self) -> u64 {
+        SectorStore::data_segment_sectors(self)
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        SectorStore::read_data_sectors(self, first, out)
     }
 }
 
@@ -82,8 +102,12 @@ struct State {
     base_limit: u64,
     /// Pages written, by page number.
     pages: BTreeMap<u64, Page>,
+    /// Data sectors written, by sector number.
+    data: BTreeMap<u64, Page>,
     /// Page ranges of base reads during which the damage counter moved.
     damaged: Vec<Range<u64>>,
+    /// Data sector ranges of base reads during which the damage counter moved.
+    damaged_data: Vec<Range<u64>>,
 }
 
 /// The copy-on-write storage: a read-only base, changes in memory.
@@ -111,12 +135,13 @@ impl<B: OverlayBase> CowStorage<B> {
                 len,
                 base_limit: len,
                 pages: BTreeMap::new(),
+                data: BTreeMap::new(),
                 damaged: Vec::new(),
+                damaged_data: Vec::new(),
             }),
         })
     }
 
-    #[cfg(test)]
     pub(crate) fn base(&self) -> &B {
         &self.base
     }
@@ -135,12 +160,69 @@ impl<B: OverlayBase> CowStorage<B> {
             .unwrap_or_default()
     }
 
-    /// Bytes held in memory by written pages.
+    /// The data sector ranges that reads which met damage covered since the last call.
+    pub(crate) fn take_damaged_data_sectors(&self) -> Vec<Range<u64>> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.damaged_data))
+            .unwrap_or_default()
+    }
+
+    /// Bytes held in memory by written pages and data sectors.
     pub(crate) fn overlay_bytes(&self) -> u64 {
         self.state
             .lock()
-            .map(|s| s.pages.len() as u64 * PAGE)
+            .map(|s| (s.pages.len() + s.data.len()) as u64 * PAGE)
             .unwrap_or(0)
+    }
+
+    /// Data sectors `first..`: those written to the overlay from memory, runs of the others
+    /// from the base in one read each. Notes the sectors of a base read that met damage.
+    fn read_data_impl(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        if !out.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut state = self.state()?;
+        let count = (out.len() / SECTOR_SIZE) as u64;
+        let end = first
+            .checked_add(count)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut at = first;
+        while at < end {
+            let dst = &mut out[(at - first) as usize * SECTOR_SIZE..];
+            if let Some(p) = state.data.get(&at) {
+                dst[..SECTOR_SIZE].copy_from_slice(&p.0);
+                at += 1;
+                continue;
+            }
+            let run_end = state.data.range(at..end).next().map_or(end, |(&k, _)| k);
+            let n = (run_end - at) as usize * SECTOR_SIZE;
+            let before = self.base.damaged_reads();
+            self.base.read_data_sectors(at, &mut dst[..n])?;
+            if self.base.damaged_reads() != before {
+                state.damaged_data.push(at..run_end);
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    /// Data sectors written stay in memory. (Whether they lie in data
+    /// segments is the base's to say when they are read.)
+    fn write_data_impl(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        if !plain.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut state = self.state()?;
+        for (i, src) in plain.chunks(SECTOR_SIZE).enumerate() {
+            let sector = first
+                .checked_add(i as u64)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let mut page = Page::zeroed();
+            page.0.copy_from_slice(src);
+            state.data.insert(sector, page);
+        }
+        Ok(())
     }
 
     /// Fill `out` with bytes `offset..` of the base as the overlay sees it:
@@ -321,6 +403,30 @@ impl<B: OverlayBase> crate::fs::Storage for CowStorage<B> {
     fn write_fsync_log(&self, _index: u64, _pages: &[u8]) -> io::Result<()> {
         Ok(())
     }
+
+    /// File data is read from the base.
+    fn data_segment_sectors(&self) -> u64 {
+        self.base.data_segment_sectors()
+    }
+
+    /// Refused: the overlay cannot know where the base's file ends, and nothing may reach it.
+    fn claim_data_segment(&self) -> io::Result<u64> {
+        Err(io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// Kept in memory, like pages.
+    fn write_data_sectors(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        self.write_data_impl(first, plain)
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        self.read_data_impl(first, out)
+    }
+
+    /// Nothing reaches the file: nothing is given back.
+    fn release_unused_segments(&self, _data_in_use: &[u64]) -> io::Result<u64> {
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +541,80 @@ mod tests {
         read(&cow, 4 * PAGE, 3 * PAGE as usize);
         assert_eq!(cow.take_damaged_pages(), vec![4..7]);
         assert!(cow.take_damaged_pages().is_empty());
+    }
+
+    /// Over a real store with a data segment: data sectors are read from the
+    /// base, written ones stay in memory, no segment can be claimed, and the
+    /// file is left as it was.
+    #[test]
+    fn data_sectors_come_from_the_base_and_writes_stay_in_memory() {
+        use crate::container::{
+            Access, Container, CreateOptions, NewSlot, NewSlotKind, new_container_id,
+        };
+        use crate::crypto::{MasterKey, SALT_LEN};
+        use crate::fs::Storage;
+        use crate::secrets::SecretBytes;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.kb");
+        let kek = || SecretBytes::from_slice(&[3; 32]).unwrap();
+        let slot = NewSlot {
+            index: 0,
+            label: String::new(),
+            salt: [1; SALT_LEN],
+            kind: NewSlotKind::Recovery,
+            kek: kek(),
+        };
+        let opts = CreateOptions {
+            id: new_container_id().unwrap(),
+            fixed_size: None,
+            fsync_log: false,
+        };
+        let mk = MasterKey::generate().unwrap();
+        let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+        let store = c.into_store(mk).unwrap();
+        store.write(0, &[0u8; 320]).unwrap();
+        let d = store.claim_data_segment().unwrap();
+        store
+            .write_data_sectors(d, &[7u8; 2 * SECTOR_SIZE])
+            .unwrap();
+        drop(store);
+        // Data sector d + 1 damaged (a flipped bit in its ciphertext).
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let at = crate::container::layout::sector_offset(d + 1) + 100;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 4], at).unwrap();
+        }
+        let before = digest(&path);
+
+        let c = Container::open(&path, Access::ReadOnly).unwrap();
+        let mk = c.unwrap_slot(0, &kek()).unwrap();
+        let cow = CowStorage::new(c.into_store(mk).unwrap()).unwrap();
+        assert_eq!(cow.data_segment_sectors(), 1024);
+        assert!(cow.claim_data_segment().is_err());
+        let mut out = vec![1u8; 3 * SECTOR_SIZE];
+        cow.read_data_sectors(d, &mut out).unwrap();
+        assert!(out[..SECTOR_SIZE].iter().all(|&b| b == 7));
+        assert!(out[SECTOR_SIZE..].iter().all(|&b| b == 0));
+        assert_eq!(cow.damaged_reads(), 1);
+        assert_eq!(cow.take_damaged_data_sectors(), vec![d..d + 3]);
+        cow.write_data_sectors(d + 1, &[9u8; 2 * SECTOR_SIZE])
+            .unwrap();
+        cow.read_data_sectors(d, &mut out).unwrap();
+        assert!(out[..SECTOR_SIZE].iter().all(|&b| b == 7));
+        assert!(out[SECTOR_SIZE..].iter().all(|&b| b == 9));
+        // Store sectors are not data sectors.
+        assert!(cow.read_data_sectors(0, &mut out).is_err());
+        assert!(cow.take_damaged_data_sectors().is_empty());
+        drop(cow);
+        assert_eq!(digest(&path), before, "the base file changed");
     }
 
     /// A filesystem whose last commit was not closed cleanly opens

@@ -77,6 +77,26 @@ impl crate::fs::Storage for EncryptedStorage {
     fn write_fsync_log(&self, index: u64, pages: &[u8]) -> io::Result<()> {
         self.store.write_fsync_log(index, pages)
     }
+
+    fn data_segment_sectors(&self) -> u64 {
+        self.store.data_segment_sectors()
+    }
+
+    fn claim_data_segment(&self) -> io::Result<u64> {
+        self.store.claim_data_segment()
+    }
+
+    fn write_data_sectors(&self, first: u64, plain: &[u8]) -> io::Result<()> {
+        self.store.write_data_sectors(first, plain)
+    }
+
+    fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        self.store.read_data_sectors(first, out)
+    }
+
+    fn release_unused_segments(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        self.store.release_unused_segments(data_in_use)
+    }
 }
 
 /// Bytes an unprivileged user may still write on the filesystem holding `path`.

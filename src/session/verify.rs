@@ -84,19 +84,9 @@ impl DeepReport {
     }
 }
 
-/// The physical sectors redb page range `pages` lives in, past a fsync log of `log_pages`
-/// (FORMAT.md §4.1, §4.9).
-fn sectors_of(pages: std::ops::Range<u64>, log_pages: u64) -> impl Iterator<Item = u64> {
-    pages.flat_map(move |page| match page {
-        0 => 0..2,
-        k => k + 1 + log_pages..k + 2 + log_pages,
-    })
-}
-
 /// Which damaged sectors each step of the filesystem check met.
 #[derive(Default)]
 struct Attribution {
-    log_pages: u64,
     damaged: BTreeSet<u64>,
     used_by: BTreeMap<u64, BTreeSet<String>>,
     near: BTreeMap<u64, BTreeSet<String>>,
@@ -105,18 +95,22 @@ struct Attribution {
 impl Attribution {
     fn note(&mut self, overlay: &CowStorage<SectorStore>, subject: &str, outcome: StepOutcome) {
         let pages = overlay.take_damaged_pages();
+        let data = overlay.take_damaged_data_sectors();
         let target = match outcome {
             StepOutcome::Clean => return,
             StepOutcome::Damaged => &mut self.used_by,
             StepOutcome::Inconclusive => &mut self.near,
         };
-        for range in pages {
-            for sector in sectors_of(range, self.log_pages).filter(|s| self.damaged.contains(s)) {
-                target
-                    .entry(sector)
-                    .or_default()
-                    .insert(subject.to_string());
-            }
+        // redb's pages through the store's map; data sectors are physical already.
+        let sectors = pages
+            .into_iter()
+            .flat_map(|range| overlay.base().sectors_of_redb_pages(range))
+            .chain(data.into_iter().flatten());
+        for sector in sectors.filter(|s| self.damaged.contains(s)) {
+            target
+                .entry(sector)
+                .or_default()
+                .insert(subject.to_string());
         }
     }
 }
@@ -156,7 +150,6 @@ pub fn verify_deep(
     report.page0_stale_copy = scan.page0_stale_copy;
 
     let mut who = Attribution {
-        log_pages: store.fsync_log_pages(),
         damaged: scan.damaged.iter().copied().collect(),
         ..Attribution::default()
     };
@@ -216,18 +209,4 @@ pub fn verify_deep(
         })
         .collect();
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_map_to_sectors() {
-        assert_eq!(sectors_of(0..1, 0).collect::<Vec<_>>(), vec![0, 1]);
-        assert_eq!(sectors_of(0..3, 0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        assert_eq!(sectors_of(5..7, 0).collect::<Vec<_>>(), vec![6, 7]);
-        // Past a log of 256 pages (store pages 1..=256, sectors 2..=257).
-        assert_eq!(sectors_of(0..2, 256).collect::<Vec<_>>(), vec![0, 1, 258]);
-    }
 }
