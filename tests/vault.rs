@@ -471,9 +471,11 @@ fn compact_gives_deleted_space_back_and_keeps_every_file() {
     let out = compact(&fx);
     assert_ok(&out);
     assert!(stdout(&out).contains("given back"), "{}", stdout(&out));
+    // What stays: redb's store in its first 4 MiB segment, and the 4 MiB data segment that
+    // holds `kept` (FORMAT.md §4.10).
     let compacted = fs::metadata(&fx.vault).unwrap().len();
     assert!(
-        compacted < 4 << 20,
+        compacted < 10 << 20,
         "{grown} bytes before, {compacted} after: the deleted 48 MiB stayed"
     );
 

@@ -815,7 +815,8 @@ impl SectorStore {
         }
         let count = (out.len() / SECTOR_SIZE) as u64;
         let live = self.live_read()?;
-        Self::check_data_sectors(&live, first, count)?;
+        // An empty read still checks that `first` lies in a data segment: a probe.
+        Self::check_data_sectors(&live, first, count.max(1))?;
         let sealed = |s: u64| s < live.extent && !live.gaps.contains(s);
         let mut i = 0;
         while i < count {

@@ -115,7 +115,8 @@ pub trait Storage: redb::StorageBackend {
     }
     /// Opens sectors `first..` of claimed data segments into `out` (whole sectors). A sector
     /// that fails authentication reads as zeros and counts in [`Storage::damaged_reads`], as a
-    /// sector of redb's store does.
+    /// sector of redb's store does. An empty `out` only checks that `first` lies in a data
+    /// segment the storage still has (EINVAL if not).
     fn read_data_sectors(&self, _first: u64, _out: &mut [u8]) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
@@ -424,6 +425,9 @@ impl Fs {
         } else {
             fs.replay_fsync_log()?;
             fs.purge_orphans();
+            if fs.sb.extents() {
+                fs.forget_given_back_segments()?;
+            }
             fs.commit()?;
         }
         Ok(fs)
@@ -471,7 +475,6 @@ impl Fs {
         let mut moved = false;
         if self.sb.extents() {
             moved |= self.pack_file_data()?;
-            self.drop_trailing_free_segments()?;
         }
         // An unchanged transaction may still be open (reads begin one); compaction needs none.
         self.txn = None;
@@ -479,7 +482,33 @@ impl Fs {
             return Err(FsError::Failed);
         };
         // redb repeats its compaction steps until one moves nothing.
-        Ok(db.compact()? || moved)
+        moved |= db.compact()?;
+        if self.sb.extents() {
+            self.give_back_empty_segments()?;
+        }
+        Ok(moved)
+    }
+
+    /// Schema 2, after packing: the storage gives back the segments at its end that hold no
+    /// data, then the tables forget them (a commit). A crash in between is mended at the next
+    /// open ([`Fs::forget_given_back_segments`]).
+    fn give_back_empty_segments(&mut self) -> FsResult<()> {
+        let seg = self.backend.storage.data_segment_sectors();
+        let in_use = self.run(Mode::Read, |_, tx| tx.segments_holding_data(seg))?;
+        self.txn = None;
+        self.backend
+            .storage
+            .release_unused_segments(&in_use)
+            .map_err(extents::io_error)?;
+        self.forget_given_back_segments()
+    }
+
+    /// Schema 2: removes from the tables the data segments at the end that the storage gave
+    /// back (reading one of their sectors is refused), then commits.
+    fn forget_given_back_segments(&mut self) -> FsResult<()> {
+        let storage = self.backend.storage.clone();
+        self.run(Mode::Write, |_, tx| tx.forget_segments_gone(&*storage))?;
+        self.commit()
     }
 
     /// Schema 2, for [`Fs::compact`]: moves file data down into the lowest free data sectors,
@@ -496,14 +525,6 @@ impl Fs {
             }
             moved_any = true;
         }
-    }
-
-    /// Schema 2: data segments above the last one that holds data are forgotten (a commit), so
-    /// that [`Storage::release_unused_segments`] at close can give them back.
-    fn drop_trailing_free_segments(&mut self) -> FsResult<()> {
-        let seg = self.backend.storage.data_segment_sectors();
-        self.run(Mode::Write, |_, tx| tx.drop_trailing_free_segments(seg))?;
-        self.commit()
     }
 
     /// Commits the open transaction durably, if it changed anything.

@@ -1042,21 +1042,39 @@ impl Txn {
         Ok(moved)
     }
 
-    /// Forgets the data segments above the highest one that holds a chunk or a freed run
-    /// (schema 2): their sectors all free, they leave the free table too. Only trailing ones:
-    /// a forgotten segment below one in use could never be claimed again.
-    pub fn drop_trailing_free_segments(&self, seg: u64) -> FsResult<()> {
-        if seg == 0 {
+    /// The data segments that hold a chunk or a freed run (schema 2).
+    pub fn segments_holding_data(&self, seg: u64) -> FsResult<Vec<u64>> {
+        let (runs, _) = self.data_runs()?;
+        let mut held: Vec<u64> = runs
+            .iter()
+            .filter(|r| r.2 != RunOwner::Free && seg > 0)
+            .flat_map(|r| {
+                let (first, last) = (r.0 - r.0 % seg, (r.0 + r.1 - 1) - (r.0 + r.1 - 1) % seg);
+                (first..=last).step_by(seg as usize)
+            })
+            .collect();
+        held.dedup();
+        Ok(held)
+    }
+
+    /// Forgets the data segments, from the last one down, that the storage no longer has (it
+    /// refuses to read them: given back by a release); their sectors leave the free table.
+    pub fn forget_segments_gone(&self, storage: &dyn Storage) -> FsResult<()> {
+        let seg = storage.data_segment_sectors();
+        let mut segments = self.data_segments()?;
+        segments.sort_unstable();
+        let mut gone = Vec::new();
+        while let Some(s) = segments.pop() {
+            match storage.read_data_sectors(s, &mut []) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => gone.push(s),
+                _ => break,
+            }
+        }
+        if gone.is_empty() {
             return Ok(());
         }
         let space = self.space()?;
-        let (runs, segments) = self.data_runs()?;
-        let top = runs
-            .iter()
-            .filter(|r| r.2 != RunOwner::Free)
-            .map(|r| (r.0 + r.1 - 1) - (r.0 + r.1 - 1) % seg)
-            .max();
-        for s in segments.into_iter().filter(|&s| top.is_none_or(|t| s > t)) {
+        for s in gone {
             space.w.open_table(DATA_SEGMENTS)?.remove(s)?;
             extents::carve(&mut space.w.open_table(FREE_RUNS)?, s, seg)?;
         }

@@ -265,8 +265,26 @@ impl Storage for PlainFileStorage {
         Ok(())
     }
 
+    fn release_unused_segments(&self, data_in_use: &[u64]) -> io::Result<u64> {
+        let (file, n) = self.data()?;
+        let len = file.metadata()?.len();
+        let keep = data_in_use
+            .iter()
+            .map(|s| (s + n) * SECTOR)
+            .max()
+            .unwrap_or(0);
+        if keep >= len {
+            return Ok(0);
+        }
+        file.set_len(keep)?;
+        Ok(len - keep)
+    }
+
     fn read_data_sectors(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
         let (file, _) = self.data()?;
+        if first * SECTOR >= file.metadata()?.len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         file.read_exact_at(out, first * SECTOR)?;
         let count = out.len() as u64 / SECTOR;
         for &s in self
