@@ -79,12 +79,20 @@ pub(crate) fn io_error(e: std::io::Error) -> FsError {
     FsError::Store(format!("data sectors: {e}"))
 }
 
+/// [`io_error`] for an access to the data sectors from `first` on, which it names.
+pub(crate) fn io_error_at(first: u64) -> impl Fn(std::io::Error) -> FsError {
+    move |e| match io_error(e) {
+        FsError::Store(m) => FsError::Store(format!("{m} (sectors from {first})")),
+        other => other,
+    }
+}
+
 /// Reads the extent's bytes (its length, the rest of its last sector dropped).
 pub(crate) fn read_extent(storage: &Arc<dyn Storage>, e: Extent) -> FsResult<PlainBuf> {
     let mut buf = PlainBuf::from(vec![0u8; (e.sectors() * SECTOR) as usize]);
     storage
         .read_data_sectors(e.first, &mut buf)
-        .map_err(io_error)?;
+        .map_err(io_error_at(e.first))?;
     buf.truncate(e.len as usize);
     Ok(buf)
 }
@@ -113,14 +121,18 @@ pub(crate) fn write_chunks(
         && chunk.is_multiple_of(SECTOR)
     {
         // The common case, a large write: the caller's bytes are the sectors already.
-        storage.write_data_sectors(first, bytes).map_err(io_error)?;
+        storage
+            .write_data_sectors(first, bytes)
+            .map_err(io_error_at(first))?;
     } else {
         let mut buf = PlainBuf::from(vec![0u8; ((at - first) * SECTOR) as usize]);
         for (part, e) in bytes.chunks(chunk as usize).zip(&extents) {
             let o = ((e.first - first) * SECTOR) as usize;
             buf[o..o + part.len()].copy_from_slice(part);
         }
-        storage.write_data_sectors(first, &buf).map_err(io_error)?;
+        storage
+            .write_data_sectors(first, &buf)
+            .map_err(io_error_at(first))?;
     }
     Ok(extents)
 }
@@ -137,6 +149,8 @@ pub(crate) struct Space<'t> {
     pub w: &'t WriteTransaction,
     pub storage: &'t Arc<dyn Storage>,
     pub hint: &'t std::sync::atomic::AtomicU64,
+    /// Set when a data segment is claimed.
+    pub claimed: &'t std::cell::Cell<bool>,
 }
 
 impl Space<'_> {
@@ -157,6 +171,7 @@ impl Space<'_> {
             Some(run) => run,
             None => {
                 let s = self.storage.claim_data_segment().map_err(io_error)?;
+                self.claimed.set(true);
                 self.w.open_table(DATA_SEGMENTS)?.insert(s, ())?;
                 (s, seg)
             }

@@ -323,10 +323,17 @@ impl Fs {
         };
         let pages = record_pages(self.log.epoch, self.log.next_seq, &payload);
         self.log.needs_new_epoch = true;
+        let claimed = self.txn.as_ref().is_some_and(|t| t.take_claimed());
         if let Some(txn) = &self.txn {
             txn.log_started();
         }
         let storage = &self.backend.storage;
+        if claimed {
+            // A segment claimed since the last sync is durable only after one: a record naming
+            // its sectors must not be readable before (a crash between the two would replay it
+            // into a segment the container does not know).
+            storage.sync_data().map_err(io_error)?;
+        }
         storage
             .write_fsync_log(self.log.next_page, &pages)
             .and_then(|()| storage.sync_data())

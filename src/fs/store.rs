@@ -56,6 +56,8 @@ pub(crate) enum Txn {
         /// (not in the last commit, not in the fsync log): they may be changed in place, and
         /// are free at once when replaced.
         fresh: RefCell<std::collections::HashSet<u64>>,
+        /// A data segment was claimed since [`Txn::take_claimed`] last asked.
+        claimed: Cell<bool>,
     },
     R {
         txn: ReadTransaction,
@@ -91,6 +93,7 @@ impl Db {
                     settled: Cell::new(false),
                     hint: hint.clone(),
                     fresh: RefCell::default(),
+                    claimed: Cell::new(false),
                 }
             }
             Db::R(db) => Txn::R {
@@ -310,6 +313,7 @@ impl Txn {
             storage,
             hint,
             settled,
+            claimed,
             ..
         } = self
         else {
@@ -319,6 +323,7 @@ impl Txn {
             w,
             storage,
             hint: hint.as_ref(),
+            claimed,
         };
         if !settled.get() {
             space.settle_freed()?;
@@ -413,7 +418,7 @@ impl Txn {
             buf.resize((sectors * s) as usize, 0);
             self.storage()
                 .read_data_sectors(run[0].1.first, &mut buf)
-                .map_err(extents::io_error)?;
+                .map_err(extents::io_error_at(run[0].1.first))?;
             for (idx, e) in run {
                 let o = ((e.first - run[0].1.first) * s) as usize;
                 f(*idx, &buf[o..o + e.len as usize]);
@@ -599,7 +604,7 @@ impl Txn {
         ]);
         self.storage()
             .read_data_sectors(first, &mut buf)
-            .map_err(extents::io_error)?;
+            .map_err(extents::io_error_at(first))?;
         buf.truncate(len as usize);
         Ok(Some(buf))
     }
@@ -890,10 +895,20 @@ impl Txn {
                     b
                 }))
             }
+            // Under extents: the record, then the chunk's bytes. The replay writes them again,
+            // so a record never points at sectors whose data did not reach the disk before it.
             Key::Chunk(ino, idx) if self.extents() => {
-                read_table!(self, CHUNKS, |t| t
+                let record = read_table!(self, CHUNKS, |t| t
                     .get((*ino, *idx))?
-                    .map(|v| bytes(v.value())))
+                    .map(|v| bytes(v.value())));
+                match record {
+                    Some(mut r) => {
+                        let data = extents::read_extent(self.storage(), Extent::decode(&r)?)?;
+                        r.extend_from_slice(&data);
+                        Some(r)
+                    }
+                    None => None,
+                }
             }
             Key::Chunk(ino, idx) => self.chunk(*ino, *idx)?,
             Key::Xattr(ino, name) => self.xattr(*ino, &name.0)?,
@@ -956,7 +971,26 @@ impl Txn {
     /// extent it replaces is freed, and the one it names is taken out of the free tables (the
     /// transaction that took it was lost).
     fn replay_extent(&self, ino: u64, idx: u64, value: Option<&[u8]>) -> FsResult<()> {
-        let new = value.map(Extent::decode).transpose()?;
+        let (record, data) = match value {
+            Some(v) if v.len() >= extents::RECORD_LEN => {
+                let (r, d) = v.split_at(extents::RECORD_LEN);
+                (Some(r), d)
+            }
+            Some(_) => {
+                return Err(FsError::Corrupt(
+                    "an extent in the fsync log is shorter than its record".into(),
+                ));
+            }
+            None => (None, &[][..]),
+        };
+        let new = record.map(Extent::decode).transpose()?;
+        if let Some(e) = new
+            && e.len != data.len() as u64
+        {
+            return Err(FsError::Corrupt(
+                "an extent in the fsync log does not carry its bytes".into(),
+            ));
+        }
         let space = self.space()?;
         let mut t = space.w.open_table(CHUNKS)?;
         let old = match new {
@@ -973,8 +1007,15 @@ impl Txn {
         }
         if let Some(new) = new {
             space.take_exact(new)?;
+            extents::write_chunks(self.storage(), new.first, data, new.len.max(1))?;
         }
         Ok(())
+    }
+
+    /// Whether this transaction claimed a data segment since the last call: the claim must be
+    /// durable before an fsync-log record names sectors in it.
+    pub fn take_claimed(&self) -> bool {
+        matches!(self, Txn::W { claimed, .. } if claimed.replace(false))
     }
 }
 
