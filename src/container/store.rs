@@ -1055,9 +1055,12 @@ impl SectorStore {
         let count = dst.len() / SECTOR_SIZE;
         let mut frames = vec![[0u8; NONCE_LEN + TAG_LEN]; count];
         let sequential = self.follows_last_read(first, count as u64);
-        // File data read in order skips the page cache; what is cached here, or read out of
-        // order, goes through it.
-        if cache.is_some() || !self.read_direct(first, dst, &mut frames, sequential) {
+        // File data read in order skips the page cache; what is cached here, read out of
+        // order, or written since the last sync (still in the page cache: a direct read would
+        // first wait for its writeback, then read a whole window from the disk — an fsync's log
+        // record reads back the chunk it names) goes through it.
+        let buffered = cache.is_some() || self.written_since_sync(first, count as u64)?;
+        if buffered || !self.read_direct(first, dst, &mut frames, sequential) {
             if sequential {
                 self.read_ahead(first, count as u64);
             }
