@@ -77,6 +77,10 @@ const WRITEBACK_BYTES: u64 = 8 << 20;
 /// container (4 MiB of sectors).
 const READ_AHEAD_SECTORS: u64 = 1024;
 
+/// How far ahead of short data writes the container is read (see
+/// [`SectorStore::read_ahead_for_write`]).
+const WRITE_AHEAD_BYTES: u64 = 2 << 20;
+
 /// Gap sectors sealed as zeros per batch when `sync_data` fills the gaps
 /// (bounds the list of sectors a batch builds).
 const GAP_FILL_BATCH: u64 = 4096;
@@ -360,6 +364,9 @@ pub struct SectorStore {
     /// asked to read ahead (physical sectors): see [`Self::read_ahead`].
     read_end: AtomicU64,
     read_ahead_to: AtomicU64,
+    /// Up to where the kernel was asked to read the container ahead of short data writes
+    /// ([`Self::read_ahead_for_write`]).
+    write_ahead_to: AtomicU64,
     /// Long sequential reads bypass the page cache through this (see [`DirectReader`]);
     /// `None` where the file refuses `O_DIRECT`.
     direct: Option<DirectReader>,
@@ -491,6 +498,7 @@ impl SectorStore {
             unstarted: AtomicU64::new(0),
             read_end: AtomicU64::new(0),
             read_ahead_to: AtomicU64::new(0),
+            write_ahead_to: AtomicU64::new(0),
             direct,
             direct_write_ok: AtomicBool::new(direct_write.is_some()),
             direct_write,
@@ -1649,6 +1657,9 @@ impl SectorStore {
             if data && run.len() >= DIRECT_WRITE_MIN_SECTORS {
                 self.write_direct(&buf[base..base + pad + len], pad, offset)?;
             } else {
+                if data {
+                    self.read_ahead_for_write(offset);
+                }
                 self.file
                     .write_all_at(&buf[base + pad..base + pad + len], offset)?;
                 self.start_writeback(len as u64);
@@ -1656,6 +1667,30 @@ impl SectorStore {
             at = end;
         }
         Ok(())
+    }
+
+    /// Before a short buffered write of data sectors at file offset `offset`: ask the kernel
+    /// to read the next [`WRITE_AHEAD_BYTES`] of the container, once half of the last window is
+    /// used. A sealed sector (4,124 bytes) never fills whole pages, so a buffered write must
+    /// read the pages at its ends first; sectors reused after a file was deleted were mostly
+    /// written past the page cache, so those reads went to the disk, one at a time. Small
+    /// files are allocated one after another, so reading ahead serves the next ones: untar of
+    /// `drivers/net` right after a 1 GiB file was deleted, 5.0–5.5 s without, 2.3–2.5 s with.
+    fn read_ahead_for_write(&self, offset: u64) {
+        use std::os::fd::AsRawFd;
+        let ahead = self.write_ahead_to.load(Ordering::Acquire);
+        let window = WRITE_AHEAD_BYTES;
+        if offset + window / 2 < ahead && offset + window >= ahead {
+            return;
+        }
+        let start = offset / 4096 * 4096;
+        self.write_ahead_to.store(start + window, Ordering::Release);
+        let (Ok(at), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(window))
+        else {
+            return;
+        };
+        // SAFETY: a valid fd owned by `self.file`; no memory is passed. Advice only.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
     }
 
     /// Write `aligned[pad..]` at file offset `offset`, where `aligned` starts
