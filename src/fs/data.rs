@@ -195,17 +195,8 @@ impl Fs {
                     tail.as_ref().map(|v| &v[..]),
                 )?;
             }
-            if let Some(by) = dropper {
-                fs.drop_privileges(tx, &mut a, by, false)?;
-            }
-            let now = Timespec::now();
-            a.size = a.size.max(end);
-            a.mtime = now;
-            a.ctime = now;
-            tx.put_attr(&a)?;
             fs.pending_bytes += (last - first + 1) * CHUNK_PAGE;
-            fs.written_since_commit += data.len() as u64;
-            Ok(data.len())
+            fs.finish_write(tx, &mut a, dropper, end, data.len())
         })
         .and_then(|n| self.commit_if_large().map(|()| n))
     }
@@ -266,18 +257,31 @@ impl Fs {
                     fs.account_chunk(&mut a, old, Some(c));
                 }
             }
-            if let Some(by) = dropper {
-                fs.drop_privileges(tx, &mut a, by, false)?;
-            }
-            let now = Timespec::now();
-            a.size = a.size.max(end);
-            a.mtime = now;
-            a.ctime = now;
-            tx.put_attr(&a)?;
             fs.pending_bytes += 4 * 4096;
-            fs.written_since_commit += data.len() as u64;
-            Ok(data.len())
+            fs.finish_write(tx, &mut a, dropper, end, data.len())
         })
+    }
+
+    /// The end of a write of `len` bytes ending at `end`: what the writer takes from the file
+    /// ([`Dropper`]), the new size and times, and the counters.
+    fn finish_write(
+        &mut self,
+        tx: &Txn,
+        a: &mut Attr,
+        dropper: Option<Dropper>,
+        end: u64,
+        len: usize,
+    ) -> FsResult<usize> {
+        if let Some(by) = dropper {
+            self.drop_privileges(tx, a, by, false)?;
+        }
+        let now = Timespec::now();
+        a.size = a.size.max(end);
+        a.mtime = now;
+        a.ctime = now;
+        tx.put_attr(a)?;
+        self.written_since_commit += len as u64;
+        Ok(len)
     }
 
     /// Writes the part of `data` (which starts at file offset `offset`) that falls in chunk
