@@ -714,3 +714,27 @@ fn sync_parent(path: &Path) -> Result<(), ContainerError> {
         .and_then(|d| d.sync_all())
         .map_err(io_err(parent, "sync the directory"))
 }
+
+/// For tests elsewhere in the crate: a new growing container at `path` with one recovery slot
+/// (slot 0) whose key-encryption key is `kek`, and its master key.
+#[cfg(test)]
+pub(crate) fn recovery_vault(
+    path: &Path,
+    kek: crate::secrets::SecretBytes,
+) -> (Container, MasterKey) {
+    let mk = MasterKey::generate().unwrap();
+    let slot = NewSlot {
+        index: 0,
+        label: String::new(),
+        salt: [1; crate::crypto::SALT_LEN],
+        kind: NewSlotKind::Recovery,
+        kek,
+    };
+    let opts = CreateOptions {
+        id: new_container_id().unwrap(),
+        fixed_size: None,
+        fsync_log: false,
+    };
+    let c = Container::create(path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+    (c, mk)
+}

@@ -790,7 +790,7 @@ mod tests {
     use redb::StorageBackend;
 
     use super::*;
-    use crate::container::{CreateOptions, NewSlotKind, SectorStore, new_container_id};
+    use crate::container::{NewSlotKind, SectorStore};
     use crate::crypto::SALT_LEN;
 
     const PAGES: u64 = 300;
@@ -808,20 +808,7 @@ mod tests {
     /// A container whose store holds pages 1..=PAGES with known contents.
     fn vault(dir: &Path) -> std::path::PathBuf {
         let path = dir.join("v.kb");
-        let mk = MasterKey::generate().unwrap();
-        let slot = NewSlot {
-            index: 0,
-            label: String::new(),
-            salt: [1; SALT_LEN],
-            kind: NewSlotKind::Recovery,
-            kek: kek(),
-        };
-        let opts = CreateOptions {
-            id: new_container_id().unwrap(),
-            fixed_size: None,
-            fsync_log: false,
-        };
-        let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+        let (c, mk) = super::super::recovery_vault(&path, kek());
         let store = c.into_store(mk).unwrap();
         store.write(0, &[0u8; 320]).unwrap();
         for k in 1..=PAGES {

@@ -548,30 +548,14 @@ mod tests {
     /// file is left as it was.
     #[test]
     fn data_sectors_come_from_the_base_and_writes_stay_in_memory() {
-        use crate::container::{
-            Access, Container, CreateOptions, NewSlot, NewSlotKind, new_container_id,
-        };
-        use crate::crypto::{MasterKey, SALT_LEN};
+        use crate::container::{Access, Container, recovery_vault};
         use crate::fs::Storage;
         use crate::secrets::SecretBytes;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.kb");
         let kek = || SecretBytes::from_slice(&[3; 32]).unwrap();
-        let slot = NewSlot {
-            index: 0,
-            label: String::new(),
-            salt: [1; SALT_LEN],
-            kind: NewSlotKind::Recovery,
-            kek: kek(),
-        };
-        let opts = CreateOptions {
-            id: new_container_id().unwrap(),
-            fixed_size: None,
-            fsync_log: false,
-        };
-        let mk = MasterKey::generate().unwrap();
-        let c = Container::create(&path, &opts, &mk, slot, &mut |_, _| {}).unwrap();
+        let (c, mk) = recovery_vault(&path, kek());
         let store = c.into_store(mk).unwrap();
         store.write(0, &[0u8; 320]).unwrap();
         let d = store.claim_data_segment().unwrap();
