@@ -16,6 +16,18 @@ fn usize_of(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
+/// The whole chunks of chunks `first..=last` whose first and last may be only partly covered:
+/// `None` when there is none.
+fn whole_chunks(first: u64, last: u64, partial: impl Fn(u64) -> bool) -> Option<(u64, u64)> {
+    let lo = first + u64::from(partial(first));
+    let hi = if partial(last) {
+        last.checked_sub(1)?
+    } else {
+        last
+    };
+    (lo <= hi).then_some((lo, hi))
+}
+
 fn regular(a: &Attr) -> FsResult<()> {
     match a.kind {
         FileKind::File => Ok(()),
@@ -162,13 +174,7 @@ impl Fs {
             }
             // Whole chunks in one call (under extents: one run of sectors, one write); the
             // edges read-modify-write.
-            let inner_first = first + u64::from(partial(first));
-            let inner_last = if partial(last) {
-                last.checked_sub(1)
-            } else {
-                Some(last)
-            };
-            if let Some(il) = inner_last.filter(|il| inner_first <= *il) {
+            if let Some((inner_first, il)) = whole_chunks(first, last, partial) {
                 let bytes =
                     &data[usize_of(inner_first * c - offset)..usize_of((il + 1) * c - offset)];
                 for old in tx.put_chunks(ino, inner_first, bytes, c)? {
@@ -231,14 +237,8 @@ impl Fs {
                     edges.push((idx, tx.prepare_patch(ino, idx, lo, hi)?));
                 }
             }
-            let inner_first = first + u64::from(partial(first));
-            let inner_last = if partial(last) {
-                last.checked_sub(1)
-            } else {
-                Some(last)
-            };
-            let inner = inner_last.filter(|il| inner_first <= *il);
-            if let Some(il) = inner {
+            let inner = whole_chunks(first, last, partial);
+            if let Some((inner_first, il)) = inner {
                 for idx in inner_first..=il {
                     tx.probe_chunk(ino, idx)?;
                 }
@@ -250,7 +250,7 @@ impl Fs {
                 let (old, new) = tx.apply_patch(ino, idx, patch, lo, src, c)?;
                 fs.account_chunk(&mut a, old, Some(new));
             }
-            if let Some(il) = inner {
+            if let Some((inner_first, il)) = inner {
                 let bytes =
                     &data[usize_of(inner_first * c - offset)..usize_of((il + 1) * c - offset)];
                 for old in tx.put_chunks(ino, inner_first, bytes, c)? {
@@ -412,13 +412,7 @@ impl Fs {
             edges.push((last, tx.chunk(a.ino, last)?));
         }
         tx.probe_chunks(a.ino, first, last)?;
-        let whole_first = first + u64::from(partial(first));
-        let whole_last = if partial(last) {
-            last.checked_sub(1)
-        } else {
-            Some(last)
-        };
-        if let Some(wl) = whole_last.filter(|wl| whole_first <= *wl) {
+        if let Some((whole_first, wl)) = whole_chunks(first, last, partial) {
             let (n, bytes) = tx.del_chunks(a.ino, whole_first, wl)?;
             a.stored = a.stored.saturating_sub(bytes);
             self.sb.chunks = self.sb.chunks.saturating_sub(n);
