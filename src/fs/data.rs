@@ -9,7 +9,7 @@ use crate::secrets::PlainBuf;
 use super::falloc::{KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE};
 use super::node::get;
 use super::schema::{Attr, CHUNK_PAGE, FileKind, MAX_FILE_SIZE, Timespec};
-use super::store::Txn;
+use super::store::{Patch, Txn};
 use super::{Dropper, Fs, FsError, FsResult, Mode};
 
 fn usize_of(n: u64) -> usize {
@@ -243,12 +243,21 @@ impl Fs {
                     tx.probe_chunk(ino, idx)?;
                 }
             }
-            edges.sort_by_key(|(_, p)| !matches!(p, super::store::Patch::InPlace { .. }));
+            edges.sort_by_key(|(_, p)| !matches!(p, Patch::InPlace(_)));
             for (idx, patch) in edges {
-                let (lo, hi) = span(idx);
-                let src = &data[usize_of(idx * c + lo - offset)..usize_of(idx * c + hi - offset)];
-                let (old, new) = tx.apply_patch(ino, idx, patch, lo, src, c)?;
-                fs.account_chunk(&mut a, old, Some(new));
+                match patch {
+                    Patch::InPlace(p) => {
+                        let (lo, hi) = span(idx);
+                        let src =
+                            &data[usize_of(idx * c + lo - offset)..usize_of(idx * c + hi - offset)];
+                        let (old, new) = tx.patch_in_place(ino, idx, p, lo, src)?;
+                        fs.account_chunk(&mut a, Some(old), Some(new));
+                    }
+                    Patch::Copy { base } => {
+                        let base = base.as_ref().map(|v| &v[..]);
+                        fs.write_chunk(tx, &mut a, idx, offset, data, base)?;
+                    }
+                }
             }
             if let Some((inner_first, il)) = inner {
                 let bytes =

@@ -341,13 +341,18 @@ impl Txn {
         }
     }
 
+    /// Under extents, where chunk `idx` of `ino` lies (its record).
+    fn extent(&self, ino: u64, idx: u64) -> FsResult<Option<Extent>> {
+        read_table!(self, CHUNKS, |t| t
+            .get((ino, idx))?
+            .map(|v| Extent::decode(v.value()))
+            .transpose())
+    }
+
     pub fn chunk(&self, ino: u64, idx: u64) -> FsResult<Option<PlainBuf>> {
         if self.extents() {
-            let e = read_table!(self, CHUNKS, |t| t
-                .get((ino, idx))?
-                .map(|v| Extent::decode(v.value())));
-            return e
-                .transpose()?
+            return self
+                .extent(ino, idx)?
                 .map(|e| extents::read_extent(self.storage(), e))
                 .transpose();
         }
@@ -455,10 +460,7 @@ impl Txn {
     /// sectors are read. Otherwise the whole chunk is read, to be copied.
     pub fn prepare_patch(&self, ino: u64, idx: u64, lo: u64, hi: u64) -> FsResult<Patch> {
         let s = extents::SECTOR;
-        let old = read_table!(self, CHUNKS, |t| t
-            .get((ino, idx))?
-            .map(|v| Extent::decode(v.value()))
-            .transpose()?);
+        let old = self.extent(ino, idx)?;
         if let Some(e) = old.filter(|e| self.is_fresh(*e)) {
             let new_len = e.len.max(hi);
             let (have, need) = (e.sectors(), new_len.div_ceil(s).max(1));
@@ -479,12 +481,12 @@ impl Txn {
                     let at = ((s1 - 1 - s0) * s) as usize;
                     self.read_sector(e.first + s1 - 1, &mut buf[at..])?;
                 }
-                return Ok(Patch::InPlace {
+                return Ok(Patch::InPlace(InPlace {
                     old: e,
                     s0,
                     new_len,
                     buf,
-                });
+                }));
             }
         }
         let base = old
@@ -496,63 +498,50 @@ impl Txn {
     fn read_sector(&self, sector: u64, out: &mut [u8]) -> FsResult<()> {
         self.storage()
             .read_data_sectors(sector, out)
-            .map_err(extents::io_error)
+            .map_err(extents::io_error_at(sector))
     }
 
-    /// Writes `src` at byte `lo` of chunk `idx` as `patch` planned; returns the chunk's old
-    /// length (if it existed) and its new one.
-    pub fn apply_patch(
+    /// Writes `src` at byte `lo` of the fresh chunk `idx` in place, as `patch` planned;
+    /// returns the chunk's old length and its new one.
+    pub fn patch_in_place(
         &self,
         ino: u64,
         idx: u64,
-        patch: Patch,
+        patch: InPlace,
         lo: u64,
         src: &[u8],
-        chunk: u64,
-    ) -> FsResult<(Option<u64>, u64)> {
+    ) -> FsResult<(u64, u64)> {
         let s = extents::SECTOR;
-        let hi = lo + src.len() as u64;
-        match patch {
-            Patch::InPlace {
-                old,
-                s0,
-                new_len,
-                mut buf,
-            } => {
-                let space = self.space()?;
-                let (have, need) = (old.sectors(), new_len.div_ceil(s).max(1));
-                if need > have {
-                    space.take_at(old.first + have, need - have)?;
-                }
-                let at = (lo - s0 * s) as usize;
-                buf[at..at + src.len()].copy_from_slice(src);
-                let end = (new_len - s0 * s) as usize;
-                if end < buf.len() {
-                    buf[end..].fill(0);
-                }
-                self.storage()
-                    .write_data_sectors(old.first + s0, &buf)
-                    .map_err(extents::io_error)?;
-                let new = Extent {
-                    first: old.first,
-                    len: new_len,
-                };
-                self.touch(Key::Chunk(ino, idx));
-                space
-                    .w
-                    .open_table(CHUNKS)?
-                    .insert((ino, idx), &new.encode()[..])?;
-                Ok((Some(old.len), new_len))
-            }
-            Patch::Copy { base } => {
-                let base = base.as_deref().map_or(&[][..], |b| &b[..]);
-                let mut buf = PlainBuf::from(vec![0u8; base.len().max(hi as usize)]);
-                buf[..base.len()].copy_from_slice(base);
-                buf[lo as usize..hi as usize].copy_from_slice(src);
-                let old = self.put_chunks(ino, idx, &buf, chunk)?[0];
-                Ok((old, buf.len() as u64))
-            }
+        let InPlace {
+            old,
+            s0,
+            new_len,
+            mut buf,
+        } = patch;
+        let space = self.space()?;
+        let (have, need) = (old.sectors(), new_len.div_ceil(s).max(1));
+        if need > have {
+            space.take_at(old.first + have, need - have)?;
         }
+        let at = (lo - s0 * s) as usize;
+        buf[at..at + src.len()].copy_from_slice(src);
+        let end = (new_len - s0 * s) as usize;
+        if end < buf.len() {
+            buf[end..].fill(0);
+        }
+        self.storage()
+            .write_data_sectors(old.first + s0, &buf)
+            .map_err(extents::io_error_at(old.first + s0))?;
+        let new = Extent {
+            first: old.first,
+            len: new_len,
+        };
+        self.touch(Key::Chunk(ino, idx));
+        space
+            .w
+            .open_table(CHUNKS)?
+            .insert((ino, idx), &new.encode()[..])?;
+        Ok((old.len, new_len))
     }
 
     /// Under extents, the bytes `idx * chunk ..` of `len` bytes straight into one buffer, when
@@ -1125,16 +1114,20 @@ impl Txn {
 
 /// A write into part of a chunk under extents, planned by [`Txn::prepare_patch`].
 pub(crate) enum Patch {
-    /// Write sectors `s0..` of the fresh extent `old` from `buf` (which holds the old bytes of
-    /// the edge sectors), growing it into the free run after it if needed.
-    InPlace {
-        old: Extent,
-        s0: u64,
-        new_len: u64,
-        buf: PlainBuf,
-    },
-    /// Copy the chunk (`base`: its old bytes, if it exists) into new sectors.
+    /// Patch the fresh chunk where it lies ([`Txn::patch_in_place`]).
+    InPlace(InPlace),
+    /// Copy the chunk (`base`: its old bytes, if it exists) into new sectors, as any
+    /// read-modify-write of a chunk does.
     Copy { base: Option<PlainBuf> },
+}
+
+/// Write sectors `s0..` of the fresh extent `old` from `buf` (which holds the old bytes of the
+/// edge sectors), growing it into the free run after it if needed, to `new_len` bytes.
+pub(crate) struct InPlace {
+    old: Extent,
+    s0: u64,
+    new_len: u64,
+    buf: PlainBuf,
 }
 
 /// Runs of data sectors as (first, sectors, owner), sorted, and the recorded segments' first
@@ -1170,12 +1163,8 @@ impl Txn {
                 }
             });
         }
-        let segments = read_table!(self, DATA_SEGMENTS, |t| t
-            .iter()?
-            .map(|e| e.map(|(k, _)| k.value()))
-            .collect::<Result<Vec<u64>, _>>()?);
         runs.sort_unstable();
-        Ok((runs, segments))
+        Ok((runs, self.data_segments()?))
     }
 }
 
