@@ -1183,8 +1183,7 @@ impl Checker<'_> {
         }
         for &(first, n, owner) in &runs {
             let outside = seg == 0
-                || !segments.contains(&(first - first % seg))
-                || !segments.contains(&((first + n - 1) - (first + n - 1) % seg));
+                || super::extents::segments_of(first, n, seg).any(|s| !segments.contains(&s));
             if outside {
                 problems.push(format!(
                     "data sectors {first}–{} ({}) lie outside the recorded data segments",

@@ -287,11 +287,12 @@ impl Space<'_> {
                 "the fsync log names data sectors, but the storage has none".into(),
             ));
         }
-        let segment = e.first - e.first % seg;
-        let known = self.w.open_table(DATA_SEGMENTS)?.get(segment)?.is_some();
-        if !known {
-            self.w.open_table(DATA_SEGMENTS)?.insert(segment, ())?;
-            self.add_free(segment, seg)?;
+        for segment in segments_of(e.first, e.sectors(), seg) {
+            let known = self.w.open_table(DATA_SEGMENTS)?.get(segment)?.is_some();
+            if !known {
+                self.w.open_table(DATA_SEGMENTS)?.insert(segment, ())?;
+                self.add_free(segment, seg)?;
+            }
         }
         for table in [FREE_RUNS, FREED_RUNS] {
             carve(&mut self.w.open_table(table)?, e.first, e.sectors())?;
@@ -328,6 +329,13 @@ pub(crate) fn carve(t: &mut redb::Table<u64, u64>, first: u64, n: u64) -> FsResu
         }
     }
     Ok(())
+}
+
+/// The first sectors of the segments of `seg` (> 0) sectors that sectors `first..first + n`
+/// touch (a run may cross segments: free runs of neighbouring segments merge).
+pub(crate) fn segments_of(first: u64, n: u64, seg: u64) -> impl Iterator<Item = u64> {
+    let last = first + n.max(1) - 1;
+    (first - first % seg..=last - last % seg).step_by(seg as usize)
 }
 
 /// Whether the storage keeps file data in data sectors.

@@ -1078,10 +1078,7 @@ impl Txn {
         let mut held: Vec<u64> = runs
             .iter()
             .filter(|r| r.2 != RunOwner::Free && seg > 0)
-            .flat_map(|r| {
-                let (first, last) = (r.0 - r.0 % seg, (r.0 + r.1 - 1) - (r.0 + r.1 - 1) % seg);
-                (first..=last).step_by(seg as usize)
-            })
+            .flat_map(|r| extents::segments_of(r.0, r.1, seg))
             .collect();
         held.dedup();
         Ok(held)
